@@ -1,0 +1,51 @@
+"""``nvseg`` command line: ``labels``, ``segment``, ``weights``.
+
+Exit codes: 0 success; 1 unexpected internal error; 2 invalid options, config, classes or modality;
+3 one or more input volumes failed (the others were written); 4 checkpoint / weights problem;
+5 storage (path / object-store) problem; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from .errors import NvsegError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .commands import labels, segment, weights
+
+    parser = argparse.ArgumentParser(prog="nvseg", description="NV-Segment-CTMR segmentation at any scale")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (segment, labels, weights):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except NvsegError as err:
+        print(f"nvseg {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so plainly, traceback only on --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"nvseg {args.command}: internal error: {type(exc).__name__}: {exc}\n"
+              "  hint: re-run with --debug and report the traceback", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

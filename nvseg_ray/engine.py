@@ -1,0 +1,185 @@
+"""The segmentation engine: read -> validate -> prepare -> infer -> finish, each stage timed.
+
+The stages are separate methods so that the Ray batch job and the Serve app can run the CPU stages
+(read, prepare, finish, write) in their own workers and only :meth:`Segmenter.infer` in the model
+actor; :meth:`Segmenter.segment` runs them all in-process for the CLI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import InferenceConfig
+from .errors import ConfigError, PromptError
+from .inference import resolve_device, segment_classes, segment_points
+from .labels import LabelCatalog
+from .model import LoadedModel, load_model
+from .postprocess import cast_labels, invert_labels, label_statistics
+from .preprocess import PreparedVolume, build_preprocessing, prepare
+from .validation import ValidatedVolume, VolumeLimits, read_and_validate
+
+STAGES = ("read", "preprocess", "infer", "postprocess", "write")
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall-clock seconds spent in the block to ``timings[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class Prompts:
+    """Resolved prompts for one volume: global class ids in prompt order, plus optional points."""
+
+    class_ids: tuple[int, ...]
+    requested: list[int | str] | None
+    modality: str | None
+    with_points: bool = False
+
+
+@dataclass
+class SegmentationResult:
+    """A finished mask on the input grid.
+
+    Attributes:
+        labels: (X, Y, Z) label map in the output dtype, global class ids, on the input voxel grid.
+        volume: the validated input (its nibabel header/affine are reused for the output file).
+        prompts: what was segmented.
+        statistics: per-label ``{"id", "name", "voxels", "volume_ml"}``.
+        timings: seconds per stage (see :data:`STAGES`).
+    """
+
+    labels: np.ndarray
+    volume: ValidatedVolume
+    prompts: Prompts
+    statistics: list[dict]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_prompts(cfg: InferenceConfig, catalog: LabelCatalog, *, classes: Sequence[int | str] | None = None,
+                    modality: str | None = None) -> Prompts:
+    """Turn the configured (or per-volume) class names/ids / modality into global ids.
+
+    Raises:
+        PromptError: unknown class, refused id, unknown modality, or neither classes nor modality.
+    """
+    classes = list(classes) if classes is not None else cfg.classes
+    modality = modality or cfg.modality
+    with_points = cfg.points is not None
+    if not classes and not modality:
+        raise PromptError(
+            "nothing to segment: give --modality (CT_BODY, MRI_BODY or MRI_BRAIN) for everything-segmentation "
+            "or --classes for specific structures",
+            hint="upstream silently defaults to MRI_BODY; nvseg-ray asks instead",
+        )
+    if with_points and not classes:
+        raise PromptError("point prompts need exactly one class: add --classes NAME_OR_ID")
+    ids = catalog.resolve_prompts(classes or None, modality=modality, expand_subclasses=cfg.expand_subclasses,
+                                  with_points=with_points)
+    return Prompts(class_ids=tuple(ids), requested=list(classes) if classes else None, modality=modality,
+                   with_points=with_points)
+
+
+class Segmenter:
+    """Holds one loaded model and runs the stages for any number of volumes.
+
+    Args:
+        cfg: inference configuration (``cfg.checkpoint`` is loaded unless ``model`` is given).
+        model: an already loaded model (e.g. shared by a Ray actor).
+        catalog: label catalog; defaults to ``cfg.label_catalog`` or the packaged one.
+    """
+
+    def __init__(self, cfg: InferenceConfig, model: LoadedModel | None = None,
+                 catalog: LabelCatalog | None = None) -> None:
+        self.cfg = cfg
+        self.catalog = catalog or LabelCatalog.load(cfg.label_catalog)
+        self.prompts = resolve_prompts(cfg, self.catalog) if (cfg.classes or cfg.modality) else None
+        self.transforms = build_preprocessing(cfg)
+        self.limits = VolumeLimits(max_voxels=cfg.max_voxels)
+        self._model = model
+        self._device: torch.device | None = None
+
+    # -- model --------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = resolve_device(self.cfg.device)
+        return self._device
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model, moved to :attr:`device` (loaded on first use)."""
+        if self._model is None:
+            if not self.cfg.checkpoint:
+                raise ConfigError("no checkpoint given", hint="pass --checkpoint PATH_OR_URI "
+                                  "(download the weights once with `nvseg weights download --dest models/model.pt`)")
+            self._model = load_model(self.cfg.checkpoint, storage_options=self.cfg.storage_options)
+        if next(self._model.network.parameters()).device != self.device:
+            self._model.network.to(self.device)
+        return self._model
+
+    # -- stages -------------------------------------------------------------------------------------
+    def read(self, uri: str, timings: dict[str, float] | None = None) -> ValidatedVolume:
+        """Read and validate one NIfTI volume (CPU)."""
+        with timed(timings if timings is not None else {}, "read"):
+            return read_and_validate(uri, self.cfg.storage_options, self.limits)
+
+    def prepare(self, volume: ValidatedVolume, timings: dict[str, float] | None = None) -> PreparedVolume:
+        """Resample, crop, scale and reorient onto the model grid (CPU)."""
+        with timed(timings if timings is not None else {}, "preprocess"):
+            return prepare(volume.array, volume.affine, self.cfg, self.transforms)
+
+    def infer(self, prepared: PreparedVolume, prompts: Prompts | None = None,
+              timings: dict[str, float] | None = None) -> torch.Tensor:
+        """Run the network (GPU when available). Returns [H, W, D] int64 global ids on the CPU."""
+        prompts = self._prompts(prompts)
+        model = self.model  # load outside the timer on first use
+        with timed(timings if timings is not None else {}, "infer"):
+            image = prepared.image.as_tensor()[None]
+            in_channels = model.architecture.in_channels
+            if image.shape[1] != in_channels:
+                raise ConfigError(f"checkpoint expects {in_channels} input channels, the volume has {image.shape[1]}")
+            if prompts.with_points:
+                assert prepared.points is not None and prepared.point_labels is not None
+                labels = segment_points(model.network, image, prompts.class_ids[0], prepared.points,
+                                        prepared.point_labels, self.cfg, self.device)
+            else:
+                labels = segment_classes(model.network, image, prompts.class_ids, self.cfg, self.device)
+            return labels.cpu()
+
+    def finish(self, labels: torch.Tensor, prepared: PreparedVolume, volume: ValidatedVolume,
+               prompts: Prompts | None = None, timings: dict[str, float] | None = None) -> SegmentationResult:
+        """Invert to the input grid, cast to the output dtype and count labels (CPU)."""
+        prompts = self._prompts(prompts)
+        timings = timings if timings is not None else {}
+        with timed(timings, "postprocess"):
+            on_input = invert_labels(labels, prepared, self.transforms)
+            out = cast_labels(on_input, self.cfg.output_dtype, max(prompts.class_ids, default=0))
+            names = {i: self.catalog.name(i) for i in prompts.class_ids}
+            stats = label_statistics(on_input, volume.affine, names)
+        return SegmentationResult(labels=out, volume=volume, prompts=prompts, statistics=stats, timings=timings)
+
+    def segment(self, uri: str, prompts: Prompts | None = None) -> SegmentationResult:
+        """All stages for one volume, in-process."""
+        timings: dict[str, float] = {}
+        volume = self.read(uri, timings)
+        prepared = self.prepare(volume, timings)
+        labels = self.infer(prepared, prompts, timings)
+        return self.finish(labels, prepared, volume, prompts, timings)
+
+    def _prompts(self, prompts: Prompts | None) -> Prompts:
+        if prompts is not None:
+            return prompts
+        if self.prompts is None:
+            self.prompts = resolve_prompts(self.cfg, self.catalog)  # raises the "nothing to segment" error
+        return self.prompts

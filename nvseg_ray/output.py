@@ -1,0 +1,118 @@
+"""Where masks go and what is written next to them.
+
+Layout (upstream's ``SaveImaged`` with ``separate_folder`` and postfix ``trans``):
+
+* ``nested`` (default): ``<output_dir>/<rel_dir>/<stem>/<stem>_<postfix>.nii.gz``
+* ``flat``:             ``<output_dir>/<rel_dir>/<stem>_<postfix>.nii.gz``
+
+Next to every mask: ``<mask name without .nii.gz>.json`` with the label table, prompts, model
+checksum, timings and versions.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from .config import InferenceConfig
+from .engine import SegmentationResult
+from .io import encode_nifti, join_uri, uri_stem, write_bytes_atomic, write_json
+
+NIFTI_SUFFIX = ".nii.gz"
+REPORT_FORMAT = "nvseg-segmentation-report/1"
+
+
+def mask_uri(input_uri: str, output_dir: str, cfg: InferenceConfig, rel_dir: str = "") -> str:
+    """The output mask URI for ``input_uri`` under ``output_dir`` (see module docstring)."""
+    stem = uri_stem(input_uri)
+    name = f"{stem}_{cfg.output_postfix}{NIFTI_SUFFIX}" if cfg.output_postfix else f"{stem}{NIFTI_SUFFIX}"
+    parts = [p for p in rel_dir.strip("/").split("/") if p]
+    if cfg.output_layout == "nested":
+        parts.append(stem)
+    return join_uri(output_dir, *parts, name)
+
+
+def report_uri(mask: str) -> str:
+    """``.../scan_trans.nii.gz`` -> ``.../scan_trans.json``."""
+    return mask[: -len(NIFTI_SUFFIX)] + ".json" if mask.endswith(NIFTI_SUFFIX) else mask + ".json"
+
+
+def mask_image(result: SegmentationResult) -> nib.Nifti1Image:
+    """The label map as a NIfTI image on the input's exact grid.
+
+    The input header is copied, so shape, pixdim, qform (+code) and sform (+code) are the input's;
+    scaling is reset (labels are stored verbatim) and the intent is set to ``label``.
+    """
+    src = result.volume.image
+    header = src.header.copy()
+    header.set_data_dtype(result.labels.dtype)
+    header.set_data_shape(result.labels.shape)
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"], header["cal_max"] = 0, 0
+    header.set_intent("label")
+    qform, qcode = src.header.get_qform(coded=True)
+    sform, scode = src.header.get_sform(coded=True)
+    image = type(src)(np.asarray(result.labels), affine=None, header=header)
+    if qform is not None:
+        image.set_qform(qform, int(qcode))
+    if sform is not None:
+        image.set_sform(sform, int(scode))
+    if qform is None and sform is None:  # neither code set: keep the (fallback) affine MONAI/nibabel used
+        image.set_sform(result.volume.affine, 2)
+    return image
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that decide the output, recorded in every report."""
+    out = {"python": platform.python_version()}
+    for dist in ("nvseg-ray", "torch", "monai", "nibabel", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def build_report(result: SegmentationResult, *, input_uri: str, output_uri: str, cfg: InferenceConfig,
+                 model_uri: str | None, model_sha256: str | None) -> dict[str, Any]:
+    """The per-volume JSON report (pure function of its arguments, plus the clock and versions)."""
+    vol = result.volume
+    return {
+        "format": REPORT_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": {"uri": input_uri, "shape": list(vol.shape), "spacing_mm": [round(float(s), 6) for s in vol.spacing],
+                  "dtype": vol.source_dtype},
+        "output": {"uri": output_uri, "dtype": str(result.labels.dtype), "layout": cfg.output_layout},
+        "modality": result.prompts.modality,
+        "prompts": {"requested": result.prompts.requested, "class_ids": list(result.prompts.class_ids),
+                    "points": [list(p) for p in cfg.points] if cfg.points else None,
+                    "point_labels": cfg.point_labels, "expand_subclasses": cfg.expand_subclasses},
+        "labels": result.statistics,
+        "model": {"uri": model_uri, "sha256": model_sha256},
+        "settings": {"spacing": list(cfg.spacing), "patch_size": list(cfg.patch_size), "overlap": cfg.overlap,
+                     "sw_batch_size": cfg.sw_batch_size, "class_chunk_size": cfg.class_chunk_size,
+                     "device": cfg.device, "amp": cfg.amp},
+        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "versions": package_versions(),
+    }
+
+
+def write_result(result: SegmentationResult, *, input_uri: str, output_uri: str, cfg: InferenceConfig,
+                 model_uri: str | None, model_sha256: str | None) -> dict[str, Any]:
+    """Encode and write the mask, then its JSON report (each atomically); returns the report.
+
+    The report is written last, so a report's presence means its mask is complete.
+    """
+    start = time.perf_counter()
+    data = encode_nifti(mask_image(result), compresslevel=cfg.compresslevel)
+    write_bytes_atomic(data, output_uri, cfg.storage_options)
+    result.timings["write"] = result.timings.get("write", 0.0) + time.perf_counter() - start
+    report = build_report(result, input_uri=input_uri, output_uri=output_uri, cfg=cfg, model_uri=model_uri,
+                          model_sha256=model_sha256)
+    write_json(report, report_uri(output_uri), cfg.storage_options)
+    return report

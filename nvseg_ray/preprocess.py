@@ -1,0 +1,118 @@
+"""Upstream-exact preprocessing: input grid -> model grid, and the record needed to go back.
+
+Order and parameters are those of NV-Segment-CTMR ``configs/inference.json`` (UPSTREAM.md §5):
+
+1. ``Spacingd`` to 1.5 mm isotropic, bilinear, border padding, float64 resampling;
+2. ``CropForegroundd`` on voxels > 0 with a 10-voxel margin (*before* intensity scaling, so on CT it
+   keeps the body's soft tissue and denser, HU > 0);
+3. ``ScaleIntensityRangePercentilesd`` 1st..99th percentile of the cropped volume -> [0, 1], clipped;
+4. ``Orientationd`` to RAS;
+5. cast to float32.
+
+The modality does not change preprocessing (CT and MR both use percentile scaling). The transforms
+are MONAI's own, so their inverse (:func:`nvseg_ray.postprocess.invert_labels`) is MONAI's too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    CropForegroundd,
+    Orientationd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from .config import InferenceConfig
+
+IMAGE_KEY = "image"
+
+
+def build_preprocessing(cfg: InferenceConfig) -> Compose:
+    """The invertible MONAI transform chain, keyed on ``"image"``."""
+    lower, upper = cfg.percentiles
+    return Compose(
+        [
+            Spacingd(IMAGE_KEY, pixdim=list(cfg.spacing), mode="bilinear"),
+            CropForegroundd(IMAGE_KEY, source_key=IMAGE_KEY, margin=cfg.crop_margin, allow_smaller=True),
+            ScaleIntensityRangePercentilesd(IMAGE_KEY, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
+            Orientationd(IMAGE_KEY, axcodes="RAS", labels=None),
+            CastToTyped(IMAGE_KEY, dtype=torch.float32),
+        ]
+    )
+
+
+@dataclass
+class PreparedVolume:
+    """A volume on the model grid.
+
+    Attributes:
+        image: ``MetaTensor`` [1, H, W, D] float32 in [0, 1]; RAS axis order, ``cfg.spacing`` mm voxels,
+            cropped to the foreground. Its ``applied_operations`` are what inversion needs.
+        input_shape: (X, Y, Z) of the input image (voxel grid of the file).
+        input_affine: 4x4 float64 voxel -> RAS world (mm) affine of the input image.
+        points: [N, 3] float32 point prompts converted to *model-grid* voxel coordinates, or None.
+        point_labels: [N] int64 labels (1 positive, 0 negative), or None.
+    """
+
+    image: MetaTensor
+    input_shape: tuple[int, int, int]
+    input_affine: np.ndarray
+    points: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.image.shape[1:])  # type: ignore[return-value]
+
+
+def to_meta_tensor(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    """Wrap an (X, Y, Z) float32 array and its voxel->RAS affine as a channel-first ``MetaTensor``.
+
+    Equivalent to MONAI's ``LoadImage(NibabelReader) + EnsureChannelFirst`` for a 3-D NIfTI: same data,
+    same ``affine``; the transforms below read nothing else from the metadata.
+    """
+    data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    aff = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+    return MetaTensor(data, affine=aff, meta={"original_affine": aff.clone(), "spatial_shape": np.asarray(array.shape),
+                                              "original_channel_dim": "no_channel", "space": "RAS"})
+
+
+def world_points_to_model_grid(points_ijk: np.ndarray, input_affine: np.ndarray, model_affine: np.ndarray) -> np.ndarray:
+    """Map voxel coordinates of the input image to voxel coordinates of the model grid.
+
+    ``model_ijk = inv(model_affine) @ input_affine @ input_ijk`` (both affines voxel -> RAS mm), which is
+    how upstream converts clicks (UPSTREAM.md §5 "Prompts").
+    """
+    pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
+    homog = np.concatenate([pts, np.ones((len(pts), 1))], axis=1)
+    xform = np.linalg.solve(np.asarray(model_affine, dtype=np.float64), np.asarray(input_affine, dtype=np.float64))
+    return (homog @ xform.T)[:, :3]
+
+
+def prepare(array: np.ndarray, affine: np.ndarray, cfg: InferenceConfig, transforms: Compose | None = None) -> PreparedVolume:
+    """Run the preprocessing chain on one 3-D volume.
+
+    Args:
+        array: (X, Y, Z) float32 voxel values as stored in the file (scaling applied).
+        affine: 4x4 voxel -> RAS world (mm) affine of ``array``.
+        cfg: the inference configuration (spacing, margin, percentiles, point prompts).
+        transforms: a prebuilt :func:`build_preprocessing` chain (optional).
+    """
+    transforms = transforms or build_preprocessing(cfg)
+    out = transforms({IMAGE_KEY: to_meta_tensor(array, affine)})[IMAGE_KEY]
+    prepared = PreparedVolume(image=out, input_shape=tuple(int(s) for s in array.shape), input_affine=np.asarray(affine))
+    if cfg.points is not None:
+        model_affine = out.affine.detach().cpu().numpy()
+        pts = world_points_to_model_grid(np.asarray(cfg.points), prepared.input_affine, model_affine)
+        prepared.points = torch.as_tensor(pts, dtype=torch.float32)
+        labels = cfg.point_labels if cfg.point_labels is not None else [1] * len(cfg.points)
+        prepared.point_labels = torch.as_tensor(labels, dtype=torch.int64)
+    return prepared

@@ -1,0 +1,137 @@
+"""Synthetic NIfTI volumes for tests (importable: ``from tests.helpers import make_nifti``).
+
+All images are built the way real files arrive: serialised to bytes, header fields patched at the byte
+level (so even invalid headers -- NaN/zero voxel sizes, shears, slope/intercept on integer data -- can be
+produced), then parsed back with ``from_bytes`` so that ``img.dataobj`` is a lazy ``ArrayProxy``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel.spatialimages import HeaderDataError
+
+#: A typical CT affine: 0.8 mm in-plane, 2.5 mm slices, LPS DICOM flipped to RAS+, origin off-centre.
+CT_AFFINE = np.array(
+    [
+        [-0.8, 0.0, 0.0, 100.0],
+        [0.0, -0.8, 0.0, 120.0],
+        [0.0, 0.0, 2.5, -300.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+AffineSpec = bool | np.ndarray
+
+
+def body_phantom(shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """CT-like float64 volume of ``shape`` (spatial axes first): -1000 HU air outside an ellipsoid body,
+    soft tissue 0..300 HU inside (a smooth gradient plus a little noise); extra axes repeat the volume."""
+    spatial = tuple(int(n) for n in shape[:3])
+    axes = [np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1) for n in spatial]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    inside = (x / 0.8) ** 2 + (y / 0.7) ** 2 + (z / 0.9) ** 2 <= 1.0
+    rng = np.random.default_rng(seed)
+    tissue = 150.0 + 100.0 * x + 40.0 * z + rng.normal(0.0, 5.0, spatial)
+    vol = np.where(inside, np.clip(tissue, 0.0, 300.0), -1000.0)
+    extra = tuple(int(n) for n in shape[3:])
+    return np.broadcast_to(vol.reshape(spatial + (1,) * len(extra)), spatial + extra).copy()
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast phantom values to ``dtype``: shift/clip into integer ranges, build RGB triplets, etc."""
+    if dtype.fields is not None:  # RGB24 and friends
+        out = np.zeros(values.shape, dtype=dtype)
+        grey = np.clip((values + 1000.0) / 1300.0 * 255.0, 0, 255).astype(np.uint8)
+        for name in dtype.names:
+            out[name] = grey
+        return out
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        shifted = values + 1024.0 if dtype.kind == "u" else values
+        return np.clip(np.round(shifted), info.min, info.max).astype(dtype)
+    return values.astype(dtype)
+
+
+def _set_transform(header: nib.Nifti1Header, which: str, spec: AffineSpec, affine: np.ndarray) -> None:
+    """Set the qform/sform: True -> ``affine`` with code 1 (scanner), an array -> that array with code 1,
+    False -> code 0 (the qform still stores ``affine`` when it is decomposable, as nibabel does)."""
+    setter = header.set_qform if which == "qform" else header.set_sform
+    if isinstance(spec, np.ndarray):
+        setter(spec, code=1)
+    elif spec:
+        setter(affine, code=1)
+    elif which == "qform":
+        try:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                setter(affine, code=0)
+        except HeaderDataError:  # not decomposable (zero/NaN voxel size): leave the identity qform
+            setter(None, code=0)
+    else:
+        setter(None, code=0)
+
+
+def make_nifti(
+    shape: Sequence[int],
+    affine: np.ndarray | None = None,
+    dtype: np.dtype | type | str = np.float32,
+    data: np.ndarray | None = None,
+    qform: AffineSpec = True,
+    sform: AffineSpec = True,
+    *,
+    scl_slope: float | None = None,
+    scl_inter: float | None = None,
+    zooms: Sequence[float] | None = None,
+    nifti2: bool = False,
+) -> nib.Nifti1Image:
+    """Build a small lazily-loaded NIfTI image.
+
+    Args:
+        shape: data shape, e.g. (16, 12, 10) or (16, 12, 10, 1).
+        affine: voxel -> RAS+ mm (4, 4); default :data:`CT_AFFINE`. May be invalid (zero/NaN/sheared).
+        dtype: on-disk voxel dtype (int16, uint8, complex64, an RGB structured dtype, ...).
+        data: voxel values (stored as given, cast to ``dtype``); default :func:`body_phantom`.
+        qform / sform: True, False or an explicit (4, 4) affine (see :func:`_set_transform`).
+        scl_slope / scl_inter: written into the header as-is; the stored values are *not* rescaled.
+        zooms: overrides pixdim[1:4] after the transforms are set (to make pixdim disagree with them).
+        nifti2: build a NIfTI-2 image instead of NIfTI-1.
+
+    Returns:
+        A :class:`nibabel.Nifti1Image` / :class:`nibabel.Nifti2Image` parsed from bytes (``dataobj`` is an
+        ``ArrayProxy``; scaling, if any, is applied when read).
+    """
+    affine = CT_AFFINE if affine is None else np.asarray(affine, dtype=np.float64)
+    dtype = np.dtype(dtype)
+    values = body_phantom(shape) if data is None else np.asarray(data)
+    stored = values if values.dtype == dtype else _cast(values, dtype)
+    klass = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    raw = bytearray(klass(stored, np.eye(4)).to_bytes())
+    header = klass.header_class.from_fileobj(io.BytesIO(bytes(raw)))
+    _set_transform(header, "qform", qform, affine)
+    _set_transform(header, "sform", sform, affine)
+    if zooms is not None:
+        header["pixdim"][1 : 1 + len(zooms)] = zooms
+    if scl_slope is not None or scl_inter is not None:
+        header["scl_slope"] = 1.0 if scl_slope is None else scl_slope
+        header["scl_inter"] = 0.0 if scl_inter is None else scl_inter
+    block = header.binaryblock
+    raw[: len(block)] = block
+    return klass.from_bytes(bytes(raw))
+
+
+def nifti_bytes(img: nib.Nifti1Image, *, gz: bool = False) -> bytes:
+    """The on-disk bytes of ``img`` (``.nii``, or ``.nii.gz`` when ``gz``), header fields untouched."""
+    holder = img.file_map["image"].fileobj
+    raw = holder.getvalue() if isinstance(holder, io.BytesIO) else img.to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if gz else raw
+
+
+def write_nifti_file(path: str, img: nib.Nifti1Image) -> str:
+    """Write ``img``'s exact bytes to ``path`` (gzip when it ends in .gz); return ``path``."""
+    with open(path, "wb") as fh:
+        fh.write(nifti_bytes(img, gz=str(path).endswith(".gz")))
+    return str(path)

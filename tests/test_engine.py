@@ -1,0 +1,159 @@
+"""Upstream parity, chunking, geometry and end-to-end tests of the inference engine (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.apps.vista3d.transforms import VistaPostTransformd, VistaPreTransformd
+from monai.inferers import SlidingWindowInfererAdapt
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Invertd,
+    LoadImaged,
+    Orientationd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from nvseg_ray.config import InferenceConfig
+from nvseg_ray.engine import Segmenter
+from nvseg_ray.inference import argmax_over_classes
+from nvseg_ray.labels import LabelCatalog
+from nvseg_ray.model import load_model
+from nvseg_ray.output import mask_uri, write_result
+
+from .model_helpers import TEST_PATCH, body_phantom, save_volume
+
+UPSTREAM_SUBCLASS = {"2": [14, 5], "20": [28, 29, 30, 31, 32],
+                     "21": list(range(33, 57)) + list(range(63, 98)) + [114, 120, 122]}
+
+
+def upstream_reference(path: str, network: torch.nn.Module, prompts: list[int], patch=TEST_PATCH) -> np.ndarray:
+    """NV-Segment-CTMR inference.json assembled directly from MONAI, as upstream configures it (CPU)."""
+    pre = Compose([
+        LoadImaged("image", image_only=True),
+        EnsureChannelFirstd("image"),
+        EnsureTyped("image", device="cpu", track_meta=True),
+        Spacingd("image", pixdim=[1.5, 1.5, 1.5], mode="bilinear"),
+        CropForegroundd("image", source_key="image", margin=10, allow_smaller=True),
+        VistaPreTransformd("image", subclass=UPSTREAM_SUBCLASS),
+        ScaleIntensityRangePercentilesd("image", lower=1, upper=99, b_min=0, b_max=1, clip=True),
+        Orientationd("image", axcodes="RAS"),
+        CastToTyped("image", dtype=torch.float32),
+    ])
+    data = pre({"image": path, "label_prompt": list(prompts)})
+    label_prompt = torch.as_tensor(data["label_prompt"])
+    inferer = SlidingWindowInfererAdapt(roi_size=list(patch), sw_batch_size=1, with_coord=True, padding_mode="replicate")
+    with torch.no_grad():
+        logits = inferer(data["image"][None], network, class_vector=label_prompt[:, None], transpose=True)
+    data["pred"], data["label_prompt"] = logits[0], label_prompt
+    post = Compose([VistaPostTransformd("pred"),
+                    Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True)])
+    return post(data)["pred"][0].numpy()
+
+
+def make_cfg(checkpoint: str, **kw) -> InferenceConfig:
+    return InferenceConfig(checkpoint=checkpoint, patch_size=TEST_PATCH, device="cpu", **kw)
+
+
+# orientation x spacing x shape table (affine columns permuted/flipped, oblique rotation, odd sizes)
+def _rot(deg: float) -> np.ndarray:
+    a = np.deg2rad(deg)
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+
+
+GEOMETRIES = {
+    "RAS": (np.diag([1.2, 1.2, 2.5]), (61, 53, 29)),
+    "LPS": (np.diag([-0.9, -0.9, 3.0]), (72, 67, 23)),
+    "LAS": (np.diag([-1.1, 1.3, 2.0]), (57, 49, 31)),
+    "PIR-permuted": (np.array([[0, 0, 1.7], [-1.4, 0, 0], [0, -1.6, 0]]), (41, 45, 47)),
+    "oblique": (_rot(17) @ np.diag([1.0, 1.1, 2.2]), (59, 55, 27)),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_parity_with_upstream_chain_and_exact_grid(name, tiny_checkpoint, tmp_path):
+    linear, shape = GEOMETRIES[name]
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = [-40.0, 25.0, 12.0]
+    path = save_volume(tmp_path / f"{name}.nii.gz", body_phantom(shape), affine)
+    prompts = [1, 3, 5, 6, 7, 2]  # 2 expands into 14, 5 (5 then duplicates: dropped, first wins anyway)
+
+    cfg = make_cfg(tiny_checkpoint, classes=prompts)
+    seg = Segmenter(cfg)
+    result = seg.segment(str(path))
+    reference = upstream_reference(str(path), seg.model.network, prompts)
+
+    assert result.labels.shape == shape == reference.shape
+    agree = np.mean(result.labels == reference)
+    assert agree >= 0.999, f"{name}: only {agree:.5f} of voxels agree with the upstream chain"
+    assert len(np.unique(reference)) > 2, "phantom/model too weak to make this test meaningful"
+
+    out = mask_uri(str(path), str(tmp_path / "out"), cfg)
+    write_result(result, input_uri=str(path), output_uri=out, cfg=cfg, model_uri=cfg.checkpoint, model_sha256="x")
+    src, written = nib.load(str(path)), nib.load(out)
+    assert written.shape == src.shape
+    np.testing.assert_allclose(written.affine, src.affine, atol=1e-6)
+    np.testing.assert_allclose(written.header.get_qform(), src.header.get_qform(), atol=1e-6)
+    np.testing.assert_allclose(written.header.get_sform(), src.header.get_sform(), atol=1e-6)
+    assert written.get_data_dtype() == np.uint16
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), result.labels)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 117])
+def test_class_chunking_is_identical(chunk):
+    torch.manual_seed(0)
+    features = torch.randn(8, 9, 10, 11)
+    ids = LabelCatalog.default().everything_ids("CT_BODY")
+    emb = torch.randn(len(ids), 8)
+    full = argmax_over_classes(features, emb, ids, chunk_size=len(ids))
+    logits = torch.einsum("cf,fxyz->cxyz", emb, features)
+    expect = torch.as_tensor([0, *ids])[torch.where(logits.max(0).values > 0, logits.argmax(0) + 1, 0)]
+    torch.testing.assert_close(full, expect)
+    torch.testing.assert_close(argmax_over_classes(features, emb, ids, chunk_size=chunk), full)
+
+
+def test_everything_mode_chunked_end_to_end(tiny_checkpoint, tmp_path):
+    path = save_volume(tmp_path / "ct.nii.gz", body_phantom((48, 44, 26)), np.diag([1.5, 1.5, 3.0, 1.0]))
+    results = {}
+    for chunk in (5, 200):
+        seg = Segmenter(make_cfg(tiny_checkpoint, modality="CT_BODY", class_chunk_size=chunk))
+        results[chunk] = seg.segment(str(path)).labels
+    np.testing.assert_array_equal(results[5], results[200])
+    assert set(np.unique(results[5])) - {0} <= set(LabelCatalog.default().everything_ids("CT_BODY"))
+
+
+def test_report_contents(tiny_checkpoint, tmp_path):
+    path = save_volume(tmp_path / "scan.nii.gz", body_phantom((40, 40, 20)), np.diag([1.5, 1.5, 3.0, 1.0]))
+    cfg = make_cfg(tiny_checkpoint, classes=["liver", "Spleen"], output_layout="flat", output_postfix="seg")
+    seg = Segmenter(cfg)
+    result = seg.segment(str(path))
+    out = mask_uri(str(path), str(tmp_path / "o"), cfg)
+    assert out.endswith("o/scan_seg.nii.gz")
+    report = write_result(result, input_uri=str(path), output_uri=out, cfg=cfg, model_uri=cfg.checkpoint,
+                          model_sha256=seg.model.sha256)
+    on_disk = json.loads((tmp_path / "o" / "scan_seg.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["prompts"]["class_ids"] == [1, 3]
+    assert set(on_disk["timings_s"]) == {"read", "preprocess", "infer", "postprocess", "write"}
+    assert len(on_disk["model"]["sha256"]) == 64
+    for row in on_disk["labels"]:
+        assert row["voxels"] == int(np.sum(result.labels == row["id"]))
+        assert row["volume_ml"] == pytest.approx(row["voxels"] * 1.5 * 1.5 * 3.0 / 1000, rel=1e-4)
+        assert row["name"] in ("liver", "spleen")
+
+
+def test_float32_output_matches_upstream_dtype(tiny_checkpoint, tmp_path):
+    path = save_volume(tmp_path / "a.nii", body_phantom((30, 30, 16)), np.diag([2.0, 2.0, 3.0, 1.0]))
+    cfg = make_cfg(tiny_checkpoint, classes=[1, 3], output_dtype="float32")
+    result = Segmenter(cfg).segment(str(path))
+    assert result.labels.dtype == np.float32
