@@ -28,7 +28,7 @@ PATCH_DIVISOR = 16
 
 # --- our own defaults ---------------------------------------------------------------------------------
 #: classes whose logits are materialised at once when taking the argmax (memory vs. speed).
-DEFAULT_CLASS_CHUNK_SIZE = 32
+DEFAULT_CLASS_CHUNK_SIZE = 16
 DEFAULT_OUTPUT_DTYPE = "uint16"
 DEFAULT_OUTPUT_POSTFIX = "trans"
 DEFAULT_COMPRESSLEVEL = 1

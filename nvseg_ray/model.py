@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, StorageError
 from .io import read_bytes
 
 #: state-dict key whose weight has shape [embed_dim, in_channels, 3, 3, 3].
@@ -87,7 +87,12 @@ def load_state_dict_from_uri(uri: str, *, storage_options: dict | None = None) -
     Returns:
         ``(state_dict, sha256)`` where ``sha256`` is the hex digest of the file's bytes.
     """
-    raw = read_bytes(uri, storage_options)
+    try:
+        raw = read_bytes(uri, storage_options)
+    except StorageError as err:
+        raise CheckpointError(f"cannot read checkpoint: {err.message}",
+                              hint="download the weights once with `nvseg weights download --dest models/model.pt` "
+                              "and pass --checkpoint models/model.pt") from None
     if not raw:
         raise CheckpointError(f"cannot read checkpoint {uri}: the file is empty",
                               hint="re-download it with `nvseg weights download --overwrite`")

@@ -111,3 +111,61 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("weights") / "model.pt"
     torch.save(make_tiny_state_dict(seed=0), path)
     return str(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hugging Face Hub stand-in (tests/hub_standin.py; the real Hub is never contacted)
+# --------------------------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402  (kept with the fixtures below; this section was appended)
+
+
+@pytest.fixture(scope="module")
+def hf_hub_model_bytes() -> bytes:
+    """Bytes ``hf_hub`` serves as ``vista3d_pretrained_model/model.pt``: 48 KiB of seeded random data.
+
+    Override it in a test module to serve something else, e.g. a real tiny checkpoint::
+
+        @pytest.fixture(scope="module")
+        def hf_hub_model_bytes(tiny_checkpoint):
+            return Path(tiny_checkpoint).read_bytes()
+    """
+    import random
+
+    return random.Random(1234).randbytes(48 * 1024)
+
+
+@pytest.fixture(scope="module")
+def hf_hub(request: pytest.FixtureRequest, hf_hub_model_bytes: bytes) -> Iterator[Any]:
+    """The Hub stand-in (hub + CDN servers on 127.0.0.1) serving ``HF_REPO_ID`` at ``HF_REVISION`` (also "main").
+
+    The repo holds one LFS file, ``vista3d_pretrained_model/model.pt`` (``nvseg_ray.weights.HF_FILENAME``),
+    whose bytes are ``hf_hub_model_bytes``, or ``request.param`` when parametrized indirectly::
+
+        @pytest.mark.parametrize("hf_hub", [b"..."], indirect=True)
+
+    Yields a ``tests.hub_standin.FakeHub``: ``.endpoint`` for ``endpoint=`` / ``HF_ENDPOINT``,
+    ``.files``, ``.requests`` / ``.clear()``. Module-scoped, so call ``hf_hub.clear()`` before asserting
+    on requests. Use ``hf_isolated_env`` (in process) or ``hub_standin.hub_env`` (subprocess) with it.
+    For other file sets use ``hub_standin.start_hub(files)`` directly.
+    """
+    from .hub_standin import HF_FILENAME, FakeFile, start_hub
+
+    content = getattr(request, "param", None)
+    if content is None:
+        content = hf_hub_model_bytes
+    with start_hub({HF_FILENAME: FakeFile(bytes(content))}) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hf_isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """huggingface_hub in this process: online, no token / endpoint / proxy, caches under ``tmp_path/hf-home``.
+
+    Returns that HF_HOME. (``tests/test_weights.py`` applies the same isolation to every test.)
+    """
+    from .hub_standin import isolate_hf_env
+
+    home = tmp_path / "hf-home"
+    isolate_hf_env(monkeypatch, home)
+    return home

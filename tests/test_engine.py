@@ -8,56 +8,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.apps.vista3d.transforms import VistaPostTransformd, VistaPreTransformd
-from monai.inferers import SlidingWindowInfererAdapt
-from monai.transforms import (
-    CastToTyped,
-    Compose,
-    CropForegroundd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    Invertd,
-    LoadImaged,
-    Orientationd,
-    ScaleIntensityRangePercentilesd,
-    Spacingd,
-)
-
 from nvseg_ray.config import InferenceConfig
 from nvseg_ray.engine import Segmenter
 from nvseg_ray.inference import argmax_over_classes
 from nvseg_ray.labels import LabelCatalog
 from nvseg_ray.model import load_model
 from nvseg_ray.output import mask_uri, write_result
+from nvseg_ray.upstream import upstream_segment
 
 from .model_helpers import TEST_PATCH, body_phantom, save_volume
 
-UPSTREAM_SUBCLASS = {"2": [14, 5], "20": [28, 29, 30, 31, 32],
-                     "21": list(range(33, 57)) + list(range(63, 98)) + [114, 120, 122]}
-
-
-def upstream_reference(path: str, network: torch.nn.Module, prompts: list[int], patch=TEST_PATCH) -> np.ndarray:
-    """NV-Segment-CTMR inference.json assembled directly from MONAI, as upstream configures it (CPU)."""
-    pre = Compose([
-        LoadImaged("image", image_only=True),
-        EnsureChannelFirstd("image"),
-        EnsureTyped("image", device="cpu", track_meta=True),
-        Spacingd("image", pixdim=[1.5, 1.5, 1.5], mode="bilinear"),
-        CropForegroundd("image", source_key="image", margin=10, allow_smaller=True),
-        VistaPreTransformd("image", subclass=UPSTREAM_SUBCLASS),
-        ScaleIntensityRangePercentilesd("image", lower=1, upper=99, b_min=0, b_max=1, clip=True),
-        Orientationd("image", axcodes="RAS"),
-        CastToTyped("image", dtype=torch.float32),
-    ])
-    data = pre({"image": path, "label_prompt": list(prompts)})
-    label_prompt = torch.as_tensor(data["label_prompt"])
-    inferer = SlidingWindowInfererAdapt(roi_size=list(patch), sw_batch_size=1, with_coord=True, padding_mode="replicate")
-    with torch.no_grad():
-        logits = inferer(data["image"][None], network, class_vector=label_prompt[:, None], transpose=True)
-    data["pred"], data["label_prompt"] = logits[0], label_prompt
-    post = Compose([VistaPostTransformd("pred"),
-                    Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True)])
-    return post(data)["pred"][0].numpy()
+def upstream_reference(path: str, network: torch.nn.Module, prompts: list[int]) -> np.ndarray:
+    return upstream_segment(path, network, prompts, patch_size=TEST_PATCH)
 
 
 def make_cfg(checkpoint: str, **kw) -> InferenceConfig:

@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=_ints, help="sliding-window size, default 192,192,128")
     p.add_argument("--overlap", type=float, help="window overlap, default 0.25")
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass, default 1")
-    p.add_argument("--class-chunk-size", type=int, help="classes per logit evaluation, default 32")
+    p.add_argument("--class-chunk-size", type=int, help="classes per logit evaluation, default 16")
     p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="disable fp16 autocast on CUDA")
     p.add_argument("--output-dtype", help="uint16 (default), uint8, int16, int32, float32 (upstream)")
     p.add_argument("--layout", dest="output_layout", choices=["nested", "flat"], help="output layout")
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                           "(get it once with `nvseg weights download --dest models/model.pt`)")
     inputs = [uri for given in args.inputs for uri in list_volumes(given, cfg.storage_options)]
     segmenter = Segmenter(cfg)
-    segmenter.prompts  # resolve prompts before loading anything: bad classes fail fast
+    segmenter.model  # load the weights once, before any volume: a bad checkpoint stops here (exit 4)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     failed = 0
     for index, uri in enumerate(inputs, 1):
