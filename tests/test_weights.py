@@ -1,19 +1,9 @@
 """Tests for nvseg_ray.weights and the ``nvseg weights`` subcommand.
 
-The real Hugging Face Hub is never contacted. A local stand-in serves the Hub's ``/resolve/`` layout
-on 127.0.0.1 the way huggingface_hub (2.x) expects it:
-
-* ``HEAD|GET /{repo_id}/resolve/{revision}/{filename}`` on the "hub" server:
-  - LFS files answer ``302`` to a second ("CDN") server, carrying ``X-Repo-Commit``,
-    ``X-Linked-Etag`` (the content's sha256, quoted), ``X-Linked-Size`` and ``Location``. The CDN is
-    a different origin (another port), so huggingface_hub stops at the 302 and reads the metadata
-    there, exactly as with the real Hub's CDN.
-  - regular (non-LFS) files answer ``200`` with ``ETag`` = the git blob sha1 and ``X-Repo-Commit``.
-  - unknown revision / file / repo: ``404`` with ``X-Error-Code`` RevisionNotFound / EntryNotFound /
-    RepoNotFound (what huggingface_hub maps to its typed errors).
-* ``HEAD|GET /blobs/{sha256}`` on the "CDN" server: the bytes.
-
-Every request is recorded, so tests can assert that a cached run makes none.
+The real Hugging Face Hub is never contacted: ``tests/hub_standin.py`` serves the Hub's ``/resolve/``
+layout (302 to a CDN origin for LFS files, X-Repo-Commit / X-Linked-Etag / X-Linked-Size, typed 404s)
+on 127.0.0.1 and records every request, so tests can assert that a cached run makes none.
+S3 destinations use the shared moto fixtures (``s3_env`` / ``s3_bucket``) from ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -23,15 +13,13 @@ import hashlib
 import json
 import random
 import re
+import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import huggingface_hub.constants as hf_constants
 import pytest
@@ -41,171 +29,29 @@ from nvseg_ray.commands import weights as weights_cmd
 from nvseg_ray.errors import ConfigError, StorageError, WeightsDownloadError
 from nvseg_ray.weights import HF_FILENAME, HF_REPO_ID, HF_REVISION, download_weights
 
+from .hub_standin import FakeFile, FakeHub, hub_env, isolate_hf_env, start_hub
+
 CONFIG_FILE = "config.json"  # a regular (non-LFS) file
 CORRUPT_FILE = "vista3d_pretrained_model/corrupt.pt"  # LFS file whose CDN bytes do not match its sha256
 
 
-# --------------------------------------------------------------------------------------------- #
-# Hub stand-in
-# --------------------------------------------------------------------------------------------- #
-
-
-@dataclass
-class FakeFile:
-    """One file of the fake repo."""
-
-    content: bytes
-    lfs: bool = True
-    advertised_sha256: str | None = None  # what the hub claims; defaults to the real digest
-
-    @property
-    def sha256(self) -> str:
-        return self.advertised_sha256 or hashlib.sha256(self.content).hexdigest()
-
-    @property
-    def git_sha1(self) -> str:
-        return hashlib.sha1(b"blob %d\0" % len(self.content) + self.content).hexdigest()
-
-
-@dataclass
-class FakeHub:
-    """State shared by the hub and CDN servers."""
-
-    repo_id: str = HF_REPO_ID
-    commit: str = HF_REVISION
-    refs: dict[str, str] = field(default_factory=lambda: {"main": HF_REVISION})
-    files: dict[str, FakeFile] = field(default_factory=dict)
-    requests: list[tuple[str, str, str]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    endpoint: str = ""
-    cdn: str = ""
-
-    def record(self, role: str, method: str, path: str) -> None:
-        with self.lock:
-            self.requests.append((role, method, path))
-
-    def clear(self) -> None:
-        with self.lock:
-            self.requests.clear()
-
-    def blob(self, sha256: str) -> bytes | None:
-        for fake in self.files.values():
-            if fake.lfs and fake.sha256 == sha256:
-                return fake.content
-        return None
-
-
-def _handler(hub: FakeHub, role: str) -> type[BaseHTTPRequestHandler]:
-    """Request handler class bound to ``hub``; ``role`` is "hub" or "cdn"."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def do_HEAD(self) -> None:
-            self._serve(body=False)
-
-        def do_GET(self) -> None:
-            self._serve(body=True)
-
-        def _serve(self, body: bool) -> None:
-            hub.record(role, self.command, self.path)
-            path = urlsplit(self.path).path
-            if role == "cdn":
-                self._serve_blob(path, body)
-            else:
-                self._serve_resolve(path, body)
-
-        def _serve_blob(self, path: str, body: bool) -> None:
-            content = hub.blob(path.rsplit("/", 1)[-1]) if path.startswith("/blobs/") else None
-            if content is None:
-                self._error(404, "NotFound", "no such blob", body)
-            else:
-                self._send(200, {}, content, body)
-
-        def _serve_resolve(self, path: str, body: bool) -> None:
-            prefix = f"/{hub.repo_id}/resolve/"
-            if not path.startswith(prefix):
-                self._error(404, "RepoNotFound", "Repository not found", body)
-                return
-            revision, _, filename = path[len(prefix) :].partition("/")
-            revision, filename = unquote(revision), unquote(filename)
-            commit = hub.refs.get(revision, revision if revision == hub.commit else None)
-            if commit is None:
-                self._error(404, "RevisionNotFound", "Invalid rev id: " + revision, body)
-                return
-            fake = hub.files.get(filename)
-            if fake is None:
-                self._error(404, "EntryNotFound", "Entry not found", body, {"X-Repo-Commit": commit})
-                return
-            if fake.lfs:
-                headers = {
-                    "X-Repo-Commit": commit,
-                    "X-Linked-Etag": f'"{fake.sha256}"',
-                    "X-Linked-Size": str(len(fake.content)),
-                    "ETag": f'"{fake.git_sha1}"',
-                    "Location": f"{hub.cdn}/blobs/{fake.sha256}",
-                }
-                self._send(302, headers, b"", body)
-            else:
-                self._send(200, {"X-Repo-Commit": commit, "ETag": f'"{fake.git_sha1}"'}, fake.content, body)
-
-        def _error(self, status: int, code: str, message: str, body: bool, extra: dict | None = None) -> None:
-            headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
-            headers.update(extra or {})
-            self._send(status, headers, json.dumps({"error": message}).encode(), body)
-
-        def _send(self, status: int, headers: dict[str, str], content: bytes, body: bool) -> None:
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            if body and content:
-                self.wfile.write(content)
-
-    return Handler
-
-
-def _start(hub: FakeHub, role: str) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub, role))
-    thread = threading.Thread(target=server.serve_forever, name=f"fake-{role}", daemon=True)
-    thread.start()
-    return server, thread
-
-
 @pytest.fixture(scope="module")
 def hub() -> Iterator[FakeHub]:
-    """The Hub stand-in (hub + CDN servers), with a few KB of random 'weights'."""
+    """The Hub stand-in (hub + CDN servers), with a few KB of random 'weights', a non-LFS and a corrupt file."""
     rng = random.Random(1234)
-    fake = FakeHub()
-    fake.files[HF_FILENAME] = FakeFile(rng.randbytes(48 * 1024))
-    fake.files[CONFIG_FILE] = FakeFile(b'{"model": "vista3d"}\n', lfs=False)
-    fake.files[CORRUPT_FILE] = FakeFile(rng.randbytes(4096), advertised_sha256=hashlib.sha256(b"other").hexdigest())
-    servers = [_start(fake, "hub"), _start(fake, "cdn")]
-    fake.endpoint = f"http://127.0.0.1:{servers[0][0].server_address[1]}"
-    fake.cdn = f"http://127.0.0.1:{servers[1][0].server_address[1]}"
-    yield fake
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    files = {
+        HF_FILENAME: FakeFile(rng.randbytes(48 * 1024)),
+        CONFIG_FILE: FakeFile(b'{"model": "vista3d"}\n', lfs=False),
+        CORRUPT_FILE: FakeFile(rng.randbytes(4096), advertised_sha256=hashlib.sha256(b"other").hexdigest()),
+    }
+    with start_hub(files) as fake:
+        yield fake
 
 
 @pytest.fixture(autouse=True)
 def hf_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Online mode, no token, and every huggingface_hub default cache under tmp_path."""
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    # constants are read once at import time: patch them too.
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_PROGRESS_BARS", True, raising=False)
+    isolate_hf_env(monkeypatch, tmp_path / "hf-home")
 
 
 @pytest.fixture
@@ -462,38 +308,15 @@ def test_sha256_file_and_read_provenance(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- #
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """An S3 stand-in (moto server) on 127.0.0.1."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 def test_download_to_s3(
     hub: FakeHub,
     fetch: Callable[..., weights.WeightsRecord],
-    moto_endpoint: str,
-    monkeypatch: pytest.MonkeyPatch,
+    s3_env: dict[str, Any],
+    s3_bucket: str,
 ) -> None:
-    import boto3
     import s3fs
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    bucket = f"weights-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    options = {"client_kwargs": {"endpoint_url": moto_endpoint}, "key": "testing", "secret": "testing"}
+    bucket, options = s3_bucket, s3_env
     dest = f"s3://{bucket}/models/model.pt"
     content = hub.files[HF_FILENAME].content
 
@@ -567,3 +390,31 @@ def test_cli_download_and_verify(
 def test_cli_requires_an_action() -> None:
     with pytest.raises(SystemExit):
         _cli(["weights"])
+
+
+def test_cli_subprocess_honours_hf_endpoint(hf_hub: FakeHub, tmp_path: Path) -> None:
+    """``python -m nvseg_ray weights download`` in a child process finds the stand-in through HF_ENDPOINT alone."""
+    hf_hub.clear()
+    dest = tmp_path / "models" / "model.pt"
+    env = hub_env(hf_hub, tmp_path / "hf-home")
+    assert env["HF_ENDPOINT"] == hf_hub.endpoint and "HF_HUB_OFFLINE" not in env
+
+    def nvseg(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nvseg_ray", *argv],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    download = nvseg("weights", "download", "--dest", str(dest))
+    assert download.returncode == 0, download.stderr
+    assert dest.read_bytes() == hf_hub.files[HF_FILENAME].content
+    assert "downloaded" in download.stdout
+    assert ("cdn", "GET", f"/blobs/{hf_hub.files[HF_FILENAME].sha256}") in hf_hub.requests  # the env var was used
+
+    verify = nvseg("weights", "verify", str(dest))
+    assert verify.returncode == 0, verify.stderr
+    assert hf_hub.files[HF_FILENAME].sha256 in verify.stdout
