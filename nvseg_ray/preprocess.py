@@ -15,11 +15,13 @@ are MONAI's own, so their inverse (:func:`nvseg_ray.postprocess.invert_labels`) 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.utils import TraceKeys
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -71,6 +73,29 @@ class PreparedVolume:
     @property
     def model_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.image.shape[1:])  # type: ignore[return-value]
+
+    def split(self) -> tuple[np.ndarray, PreparedVolume]:
+        """Separate the voxels from the inversion record, so they can travel to different workers.
+
+        Returns:
+            ``(voxels, record)``: voxels is the [C, H, W, D] float32 model input; record is this volume with
+            an empty image that still carries the metadata and ``applied_operations`` inversion needs.
+        """
+        voxels = self.image.detach().cpu().numpy()
+        operations = copy.deepcopy(self.image.applied_operations)
+        for op in operations:  # MONAI matches inverses by transform instance id, which a pickle in another
+            op[TraceKeys.ID] = TraceKeys.NONE  # process cannot have: the record is inverted by an equal chain
+        empty = MetaTensor(torch.zeros((1, 0, 0, 0)), meta=dict(self.image.meta), applied_operations=operations)
+        record = PreparedVolume(image=empty, input_shape=self.input_shape, input_affine=self.input_affine,
+                                points=self.points, point_labels=self.point_labels, timings=dict(self.timings))
+        return voxels, record
+
+    def with_voxels(self, voxels: np.ndarray) -> PreparedVolume:
+        """The inverse of :meth:`split`: a prepared volume whose image holds ``voxels`` [C, H, W, D]."""
+        image = MetaTensor(torch.from_numpy(np.ascontiguousarray(voxels)), meta=dict(self.image.meta),
+                           applied_operations=list(self.image.applied_operations))
+        return PreparedVolume(image=image, input_shape=self.input_shape, input_affine=self.input_affine,
+                              points=self.points, point_labels=self.point_labels, timings=dict(self.timings))
 
 
 def to_meta_tensor(array: np.ndarray, affine: np.ndarray) -> MetaTensor:

@@ -169,3 +169,33 @@ def hf_isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     home = tmp_path / "hf-home"
     isolate_hf_env(monkeypatch, home)
     return home
+
+
+# --------------------------------------------------------------------------------------------------------
+# A local Ray cluster (in-process head), shared by the Ray tests
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server) -> Iterator[dict[str, str]]:
+    """``ray.init`` with 4 logical CPUs (more than the 2 cores, so CPU stages and actors can coexist) and the
+    S3 stand-in's endpoint/credentials in every worker's environment. Yields that environment."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    env = {"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_ACCESS_KEY_ID": S3_TEST_KEY,
+           "AWS_SECRET_ACCESS_KEY": S3_TEST_SECRET, "AWS_DEFAULT_REGION": S3_TEST_REGION}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING",
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield env
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,73 @@
+"""Configuration of the batch segmentation job (one typed object, CLI flags and YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import InferenceConfig, load_yaml_mapping, validate_config
+
+# Named defaults (pinned by tests/test_batch_config.py).
+DEFAULT_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+DEFAULT_PREPROCESS_CPUS = 1.0
+DEFAULT_POSTPROCESS_CPUS = 1.0
+DEFAULT_MODEL_CPUS = 1.0
+#: memory reserved per read/preprocess and per postprocess task (a 512x512x300 CT needs < 2 GiB).
+DEFAULT_STAGE_MEMORY_GB = 2.0
+DEFAULT_MIN_ACTORS = 1
+DEFAULT_MAX_ACTORS = 1
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_MAX_FAILURES = 0
+DEFAULT_PROGRESS_INTERVAL_S = 10.0
+#: Ray resource a model node advertises (``ray start --resources '{"nvseg_model_node": 1}'``); empty = any node.
+DEFAULT_MODEL_NODE_RESOURCE = ""
+
+
+class BatchConfig(BaseModel):
+    """Everything ``jobs/batch_segment.py`` needs; ``inference`` holds the per-volume engine settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(..., description="folder/prefix, glob, single file, or manifest (.csv/.jsonl/.parquet)")
+    output: str = Field(..., description="output folder/prefix; masks mirror the input's relative folders")
+    recursive: bool = Field(True, description="search folders/prefixes recursively")
+    suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    preprocess_cpus: float = Field(DEFAULT_PREPROCESS_CPUS, gt=0, description="CPUs per read/preprocess task")
+    postprocess_cpus: float = Field(DEFAULT_POSTPROCESS_CPUS, gt=0, description="CPUs per invert/encode/write task")
+    stage_memory_gb: float = Field(DEFAULT_STAGE_MEMORY_GB, gt=0, description="memory reserved per CPU-stage task")
+    model_cpus: float = Field(DEFAULT_MODEL_CPUS, gt=0, description="CPUs per model actor")
+    model_gpus: float | None = Field(None, ge=0, description="GPUs per model actor; None = 1 when the cluster has GPUs")
+    min_actors: int = Field(DEFAULT_MIN_ACTORS, ge=1)
+    max_actors: int = Field(DEFAULT_MAX_ACTORS, ge=1)
+    model_node_resource: str = Field(DEFAULT_MODEL_NODE_RESOURCE,
+                                     description="custom Ray resource that pins model actors to model nodes")
+    cpu_node_resource: str = Field("", description="custom Ray resource that pins CPU stages to CPU nodes")
+    max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, description="model attempts per volume if actors die")
+    max_failures: int = Field(DEFAULT_MAX_FAILURES, ge=-1, description="failed volumes tolerated (exit 0); -1 = any")
+    progress_interval_s: float = Field(DEFAULT_PROGRESS_INTERVAL_S, gt=0)
+    progress_bars: bool = True
+    run_name: str | None = Field(None, description="name of this run's manifest folder; default: a timestamp")
+    ray_address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local Ray")
+
+    @model_validator(mode="after")
+    def _actors_ordered(self) -> BatchConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        if not self.inference.checkpoint:
+            raise ValueError("inference.checkpoint is required (--checkpoint PATH_OR_URI)")
+        return self
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | Path | None = None, *, inference: dict[str, Any] | None = None,
+                     **overrides: Any) -> BatchConfig:
+        """Defaults < YAML (top level + an ``inference:`` mapping) < overrides; ``None`` overrides are ignored."""
+        data: dict[str, Any] = load_yaml_mapping(yaml_path) if yaml_path is not None else {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        merged = dict(data.get("inference") or {})
+        merged.update({k: v for k, v in (inference or {}).items() if v is not None})
+        data["inference"] = merged
+        return validate_config(cls, data, source=str(yaml_path) if yaml_path else "options")

@@ -1,0 +1,226 @@
+"""The Ray Data wiring of the batch job: a thin layer over :mod:`.stages`.
+
+    plan (driver) -> read+preprocess (CPU tasks) -> model (actor pool, GPU when present)
+                  -> invert+encode+write (CPU tasks) -> manifest (driver)
+
+Rows carry URIs and compact payloads, one volume per block; Ray Data streams them with backpressure, so
+memory stays bounded however many volumes there are. Per-row error handling lives in the stages; this
+module adds placement (resources), retries of crashed model actors (bounded per volume through an
+attempt counter actor), progress reporting and the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+from ..config import InferenceConfig
+from ..engine import Segmenter
+from ..errors import NvsegError
+from ..labels import LabelCatalog
+from .config import BatchConfig
+from .inputs import discover
+from .manifest import Progress, format_summary, manifest_frame, run_uris, summarize, write_manifest
+from .plan import checkpoint_identity, plan_rows
+from .rows import STATUS_FAILED, STATUS_PENDING, fail_row
+from .stages import ModelStage, postprocess_row, preprocess_row
+
+#: exit status when more volumes failed than ``max_failures`` allows (same as ``nvseg segment``).
+EXIT_VOLUMES_FAILED = 3
+#: environment variables forwarded to Ray workers when this process starts or joins a cluster.
+FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "NVSEG_")
+CODE_PIPELINE_ERROR = "pipeline_error"
+#: fault injection (tests only): a model actor exits abruptly when a volume URI contains this value.
+FAULT_INJECTION_ENV = "NVSEG_FAULT_INJECT_ACTOR_EXIT"
+
+
+@dataclass
+class BatchResult:
+    """What :func:`run_batch` returns: the manifest table, the summary and the job's exit status."""
+
+    manifest: Any  # pandas.DataFrame
+    summary: dict[str, Any]
+    exit_code: int
+
+
+@lru_cache(maxsize=4)
+def _segmenter(cfg_json: str) -> Segmenter:
+    """One Segmenter (catalog + transforms, no model) per worker process and config."""
+    return Segmenter(InferenceConfig.model_validate_json(cfg_json))
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _preprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
+    row = preprocess_row(dict(row), _segmenter(cfg_json))
+    row["preprocess_node"] = _node_id()
+    return row
+
+
+def _postprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
+    row = postprocess_row(dict(row), _segmenter(cfg_json))
+    row["postprocess_node"] = _node_id()
+    return row
+
+
+class _ModelActor:
+    """Ray Data actor: loads the weights once, then segments rows."""
+
+    def __init__(self, cfg_json: str, tracker: Any, max_attempts: int, threads: int) -> None:
+        import ray
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self._ray = ray
+        self._tracker = tracker
+        self.stage = ModelStage(InferenceConfig.model_validate_json(cfg_json), attempt=self._attempt,
+                                max_attempts=max_attempts, on_start=_maybe_inject_fault)
+        ctx = ray.get_runtime_context()
+        self.node, self.actor = ctx.get_node_id(), ctx.get_actor_id()
+
+    def _attempt(self, key: str) -> int:
+        return self._ray.get(self._tracker.start.remote(key))
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        row = self.stage.run(dict(row))
+        row["model_node"], row["model_actor"] = self.node, self.actor
+        return row
+
+
+def _maybe_inject_fault(row: dict[str, Any]) -> None:
+    """Tests only: exit the worker abruptly, like an OOM kill, when the volume URI matches the env value."""
+    crash_on = os.environ.get(FAULT_INJECTION_ENV)
+    if crash_on and crash_on in row["uri"]:
+        os._exit(137)
+
+
+class _AttemptTracker:
+    """Counts model attempts per volume across actor restarts (lives on the driver's node, 0 CPUs)."""
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+
+    def start(self, key: str) -> int:
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        return self.attempts[key]
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = _forwarded_env()
+    runtime_env = {"env_vars": env} if env and not os.environ.get("RAY_JOB_ID") else None
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
+             logging_level="WARNING", configure_logging=True)
+
+
+def _placement(resource: str) -> dict[str, Any]:
+    """Remote args that pin a stage to nodes advertising ``resource`` (any node when empty)."""
+    return {"resources": {resource: 0.001}} if resource else {}
+
+
+def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> BatchResult:
+    """Segment every volume of ``cfg.input`` into ``cfg.output`` on the current Ray cluster.
+
+    Returns the manifest, the summary and the exit status (0, or :data:`EXIT_VOLUMES_FAILED` when more than
+    ``cfg.max_failures`` volumes failed). Configuration, checkpoint and storage problems raise
+    :class:`~nvseg_ray.errors.NvsegError` before any volume is processed.
+    """
+    started = time.monotonic()
+    inf = cfg.inference
+    run_name = cfg.run_name or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    items = discover(cfg.input, inf.storage_options, recursive=cfg.recursive, suffixes=cfg.suffixes)
+    catalog = LabelCatalog.load(inf.label_catalog)
+    rows = plan_rows(items, cfg.output, inf, catalog, checkpoint_identity(inf.checkpoint, inf.storage_options))
+    pending = [r for r in rows if r["status"] == STATUS_PENDING]
+    finished = [r for r in rows if r["status"] != STATUS_PENDING]
+    progress = Progress(total=len(rows))
+    for row in finished:
+        progress.add(row, planned=True)
+    echo(f"[nvseg] {len(rows)} input(s): {len(pending)} to segment, "
+         f"{len(finished)} skipped or refused before processing")
+    n_actors = 0
+    if pending:
+        n_actors = cfg.max_actors
+        finished.extend(_run_pipeline(cfg, pending, progress, echo))
+    frame = manifest_frame(finished)
+    wall = time.monotonic() - started
+    summary = summarize(frame, wall_s=wall, run_name=run_name, manifest_uri=run_uris(cfg.output, run_name)[0],
+                        n_actors=n_actors)
+    write_manifest(frame, summary, cfg.output, run_name, inf.storage_options)
+    echo(format_summary(frame, summary))
+    too_many = cfg.max_failures >= 0 and summary["failed"] > cfg.max_failures
+    return BatchResult(frame, summary, EXIT_VOLUMES_FAILED if too_many else 0)
+
+
+def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
+                  echo: Callable[[str], None]) -> list[dict]:
+    import ray
+
+    ensure_ray(cfg.ray_address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    if hasattr(ctx, "wait_for_min_actors_s"):
+        ctx.wait_for_min_actors_s = 600
+    cfg_json = cfg.inference.model_dump_json()
+    gpus = cfg.model_gpus if cfg.model_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    tracker = ray.remote(num_cpus=0)(_AttemptTracker).remote()
+
+    ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+    # CPU stages reserve memory per volume (Ray then never packs more volumes on a node than fit); their
+    # resource request differing from the model actors' also keeps Ray Data from fusing the two stages,
+    # so preprocessing scales on its own instead of running inside the model actors.
+    env = _forwarded_env()  # reaches the workers even when Ray was started before these were set
+    runtime_env = {"env_vars": env} if env else None
+    cpu_args = {"memory": int(cfg.stage_memory_gb * 2**30), "runtime_env": runtime_env,
+                **_placement(cfg.cpu_node_resource)}
+    ds = ds.map(_preprocess, fn_kwargs={"cfg_json": cfg_json}, num_cpus=cfg.preprocess_cpus, **cpu_args)
+    ds = ds.map(_ModelActor, fn_constructor_kwargs={"cfg_json": cfg_json, "tracker": tracker,
+                                                    "max_attempts": cfg.max_attempts,
+                                                    "threads": int(max(1, cfg.model_cpus))},
+                compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+                num_cpus=cfg.model_cpus, num_gpus=gpus, runtime_env=runtime_env, **_placement(cfg.model_node_resource))
+    ds = ds.map(_postprocess, fn_kwargs={"cfg_json": cfg_json}, num_cpus=cfg.postprocess_cpus, **cpu_args)
+
+    done: list[dict] = []
+    stop = threading.Event()
+    ticker = threading.Thread(target=_tick, args=(stop, progress, cfg.progress_interval_s, echo), daemon=True)
+    ticker.start()
+    try:
+        for row in ds.iter_rows():
+            row = dict(row)
+            done.append(row)
+            progress.add(row)
+    except Exception as exc:  # the pipeline itself broke (cluster lost, ...): record, don't lose the manifest
+        message = exc.message if isinstance(exc, NvsegError) else f"{type(exc).__name__}: {str(exc)[:500]}"
+        finished_uris = {r["uri"] for r in done}
+        for row in pending:
+            if row["uri"] not in finished_uris:
+                done.append(fail_row(dict(row), CODE_PIPELINE_ERROR, f"not processed: the pipeline stopped: {message}"))
+    finally:
+        stop.set()
+        ticker.join(timeout=1)
+        ray.kill(tracker)
+    echo(progress.line())
+    return done
+
+
+def _tick(stop: threading.Event, progress: Progress, interval: float, echo: Callable[[str], None]) -> None:
+    while not stop.wait(interval):
+        echo(progress.line())

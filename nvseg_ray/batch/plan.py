@@ -1,0 +1,113 @@
+"""Work planning on the driver: output locations, resume keys and skip decisions (no volume is read)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import InferenceConfig
+from ..engine import resolve_prompts
+from ..errors import NvsegError
+from ..io import split_uri
+from ..labels import LabelCatalog
+from ..output import mask_uri, report_uri
+from .inputs import WorkItem
+from .rows import STATUS_FAILED, STATUS_PENDING, STATUS_SKIPPED, new_row
+
+#: error codes of rows that fail during planning.
+CODE_OUTPUT_CONFLICT = "output_conflict"
+CODE_DUPLICATE_OUTPUT = "duplicate_output"
+
+
+def checkpoint_identity(uri: str, storage_options: dict | None = None) -> str:
+    """A cheap identity of the weights for resume keys: the provenance sha256 when a ``<ckpt>.json`` sidecar
+    from ``nvseg weights download`` exists, else size + modification time / ETag (the file is not read)."""
+    fs, path = split_uri(uri, storage_options)
+    try:
+        sidecar = json.loads(fs.cat_file(path + ".json"))
+        if isinstance(sidecar, dict) and sidecar.get("sha256"):
+            return f"sha256:{sidecar['sha256']}"
+    except Exception:  # no sidecar: fall through
+        pass
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"checkpoint not found: {uri}",
+                              hint="download it with `nvseg weights download --dest ...`") from None
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{uri}|{info.get('size')}|{stamp}"
+
+
+def resume_key(item_uri: str, settings: dict[str, Any], model_identity: str) -> str:
+    """Deterministic key of one output: input URI + mask-changing settings + model identity."""
+    payload = json.dumps({"input": item_uri, "settings": settings, "model": model_identity}, sort_keys=True,
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def plan_rows(items: Sequence[WorkItem], output: str, cfg: InferenceConfig, catalog: LabelCatalog,
+              model_identity: str) -> list[dict]:
+    """One row per item: pending, skipped (finished with the same key) or failed (bad prompt / conflicts).
+
+    Finished outputs are recognised by their JSON report (written after the mask, so its presence means
+    the mask is complete) carrying the same resume key. Reports are fetched concurrently.
+    """
+    rows: list[dict] = []
+    seen: dict[str, str] = {}
+    for item in items:
+        row = new_row(item.uri, item.rel_dir)
+        stem_source = f"{item.output_name}.nii.gz" if item.output_name else item.uri
+        row["output_uri"] = mask_uri(stem_source, output, cfg, item.rel_dir)
+        try:
+            prompts = resolve_prompts(cfg, catalog, classes=item.classes, modality=item.modality)
+        except NvsegError as err:
+            rows.append(_fail(row, err.code, err.message))
+            continue
+        row["class_ids"] = list(prompts.class_ids)
+        row["modality"] = prompts.modality or ""
+        row["requested"] = json.dumps(prompts.requested)
+        settings = cfg.resume_key_fields() | {"modality": prompts.modality, "classes": list(prompts.class_ids)}
+        row["resume_key"] = resume_key(item.uri, settings, model_identity)
+        if row["output_uri"] in seen:
+            rows.append(_fail(row, CODE_DUPLICATE_OUTPUT,
+                              f"{item.uri} and {seen[row['output_uri']]} would both write {row['output_uri']}",
+                              "rename one input or give manifest rows distinct output_name values"))
+            continue
+        seen[row["output_uri"]] = item.uri
+        rows.append(row)
+    _apply_resume(rows, cfg)
+    return rows
+
+
+def _apply_resume(rows: list[dict], cfg: InferenceConfig) -> None:
+    pending = [r for r in rows if r["status"] == STATUS_PENDING]
+    if not pending or cfg.overwrite:
+        return
+    fs, _ = split_uri(pending[0]["output_uri"], cfg.storage_options)
+    paths = {split_uri(report_uri(r["output_uri"]), cfg.storage_options)[1]: r for r in pending}
+    found = fs.cat(list(paths), on_error="omit") if paths else {}
+    for path, raw in found.items():
+        row = paths.get(path) or paths.get(path.rstrip("/"))
+        if row is None:
+            continue
+        try:
+            previous = json.loads(raw).get("resume_key")
+        except (ValueError, AttributeError):
+            previous = None
+        if previous == row["resume_key"]:
+            row["status"] = STATUS_SKIPPED
+        else:
+            _fail(row, CODE_OUTPUT_CONFLICT,
+                  f"{row['output_uri']} already exists from a run with other settings, model or input",
+                  "pass --overwrite to replace it, or write to another --output")
+
+
+def _fail(row: dict, code: str, message: str, hint: str | None = None) -> dict:
+    row["status"] = STATUS_FAILED
+    row["error_code"] = code
+    row["error_message"] = message + (f" (hint: {hint})" if hint else "")
+    return row

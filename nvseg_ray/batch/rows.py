@@ -1,0 +1,51 @@
+"""The row schema that flows through the batch pipeline and ends up in the run manifest.
+
+Rows are plain dicts with a fixed set of columns (every stage keeps every column, so Ray Data blocks
+always share one schema). Heavy payloads travel as bytes columns and are emptied once consumed:
+``model_input`` (float32 voxels, preprocess -> model), ``labels`` (uint16 model-grid labels,
+model -> postprocess); ``inversion`` and ``volume`` are small records (a few KB).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STATUS_PENDING = "pending"
+STATUS_OK = "ok"
+STATUS_SKIPPED = "skipped"
+STATUS_FAILED = "failed"
+
+#: per-stage timing columns, seconds.
+TIMING_COLUMNS = ("t_read", "t_preprocess", "t_infer", "t_postprocess", "t_write")
+#: payload columns dropped before the manifest is written.
+PAYLOAD_COLUMNS = ("model_input", "inversion", "volume", "labels")
+#: manifest columns, in order.
+MANIFEST_COLUMNS = (
+    "uri", "rel_dir", "status", "error_code", "error_message", "output_uri", "modality", "requested",
+    "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *TIMING_COLUMNS,
+    "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key",
+)
+
+
+def new_row(uri: str, rel_dir: str = "") -> dict[str, Any]:
+    """A pending row with every column present."""
+    row: dict[str, Any] = {
+        "uri": uri, "rel_dir": rel_dir, "status": STATUS_PENDING, "error_code": "", "error_message": "",
+        "output_uri": "", "modality": "", "requested": "null", "class_ids": [], "input_shape": [],
+        "input_voxels": 0, "labelled_voxels": 0, "n_labels": 0,
+        "preprocess_node": "", "model_node": "", "model_actor": "", "postprocess_node": "", "attempts": 0,
+        "model_sha256": "", "resume_key": "",
+    }
+    row.update({name: 0.0 for name in TIMING_COLUMNS})
+    row.update({name: b"" for name in PAYLOAD_COLUMNS})
+    return row
+
+
+def fail_row(row: dict[str, Any], code: str, message: str) -> dict[str, Any]:
+    """Mark a row failed and drop its payloads."""
+    row["status"] = STATUS_FAILED
+    row["error_code"] = code
+    row["error_message"] = message
+    for name in PAYLOAD_COLUMNS:
+        row[name] = b""
+    return row

@@ -1,0 +1,152 @@
+"""The batch pipeline's stages as plain functions over rows (no Ray here; see :mod:`.pipeline`).
+
+``preprocess_row`` (CPU): read + validate + prepare -> ``model_input`` voxels and the small inversion record.
+``ModelStage.run`` (GPU/CPU actor): sliding-window inference -> ``labels`` on the model grid.
+``postprocess_row`` (CPU): invert to the input grid, cast, statistics, encode, write mask + report.
+
+Every stage catches errors per row and turns them into a ``failed`` row with the error code, so a bad
+volume never takes a block (or the job) down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import InferenceConfig
+from ..engine import Prompts, SegmentationResult, Segmenter, timed
+from ..errors import NvsegError
+from ..io import encode_nifti, write_bytes_atomic, write_json
+from ..output import build_report, mask_image, report_uri
+from .rows import STATUS_FAILED, STATUS_OK, fail_row
+
+CODE_INTERNAL = "internal_error"
+CODE_MODEL_CRASHED = "model_worker_crashed"
+
+
+def _failure(row: dict[str, Any], exc: BaseException, stage: str) -> dict[str, Any]:
+    if isinstance(exc, NvsegError):
+        return fail_row(row, exc.code, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""))
+    while exc.__cause__ is not None:  # report the root cause, not MONAI's "applying transform" wrapper
+        exc = exc.__cause__
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
+    return fail_row(row, CODE_INTERNAL, f"{stage} failed: {type(exc).__name__}: {exc}{where}")
+
+
+def prompts_of(row: dict[str, Any], cfg: InferenceConfig) -> Prompts:
+    """The prompts the planner resolved for this row."""
+    return Prompts(class_ids=tuple(int(i) for i in row["class_ids"]), requested=json.loads(row["requested"]),
+                   modality=row["modality"] or None, with_points=cfg.points is not None)
+
+
+def without_voxels(volume: Any) -> Any:
+    """A copy of a :class:`ValidatedVolume` that keeps header, affine and metadata but no voxel data."""
+    import dataclasses
+
+    header_only = type(volume.image)(np.zeros((1, 1, 1), np.uint8), None, header=volume.image.header.copy())
+    return dataclasses.replace(volume, image=header_only, array=np.empty((0, 0, 0), np.float32))
+
+
+def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
+    """Read, validate and prepare one volume (CPU). Fills ``model_input``, ``inversion``, ``volume``."""
+    if row["status"] == STATUS_FAILED:
+        return row
+    timings: dict[str, float] = {}
+    try:
+        volume = segmenter.read(row["uri"], timings)
+        prepared = segmenter.prepare(volume, timings)
+        voxels, record = prepared.split()
+        row["model_input"] = pickle.dumps(voxels, protocol=5)
+        row["inversion"] = pickle.dumps(record, protocol=5)
+        row["volume"] = pickle.dumps(without_voxels(volume), protocol=5)
+        row["input_shape"] = list(volume.shape)
+        row["input_voxels"] = int(np.prod(volume.shape))
+    except Exception as exc:
+        return _failure(row, exc, "preprocess")
+    finally:
+        row["t_read"] = timings.get("read", 0.0)
+        row["t_preprocess"] = timings.get("preprocess", 0.0)
+    return row
+
+
+class ModelStage:
+    """Holds one loaded model; :meth:`run` segments one prepared row. Used inside a model actor.
+
+    Args:
+        cfg: the inference configuration (checkpoint is loaded once, here).
+        attempt: optional callable ``(key) -> attempt_number`` that records the start of an attempt and
+            returns how many attempts (including this one) were started for that volume; attempts that
+            exceed ``max_attempts`` (because earlier ones killed their worker) fail without running.
+        on_start: optional callable ``(row) -> None`` run right before inference (fault injection in tests).
+    """
+
+    def __init__(self, cfg: InferenceConfig, attempt=None, max_attempts: int = 3, on_start=None) -> None:
+        self.segmenter = Segmenter(cfg)  # weights load on the first volume (once per actor), so a run
+        # whose volumes all fail before the model stage (or a re-run with nothing left) loads nothing
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.on_start = on_start
+
+    def run(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row["status"] == STATUS_FAILED:
+            return row
+        number = self.attempt(row["resume_key"] or row["uri"]) if self.attempt else 1
+        row["attempts"] = number
+        if number > self.max_attempts:
+            return fail_row(row, CODE_MODEL_CRASHED,
+                            f"the model worker died {number - 1} time(s) while segmenting this volume "
+                            f"(out of memory or a crash); gave up after {self.max_attempts} attempt(s)")
+        if self.on_start is not None:
+            self.on_start(row)
+        timings: dict[str, float] = {}
+        try:
+            record = pickle.loads(row["inversion"])
+            voxels = pickle.loads(row["model_input"])
+            labels = self.segmenter.infer(record.with_voxels(voxels), prompts_of(row, self.segmenter.cfg), timings)
+            row["labels"] = pickle.dumps(labels.to(torch.int32).numpy().astype(np.uint16), protocol=5)
+            row["model_input"] = b""
+            row["model_sha256"] = self.segmenter.model.sha256
+        except Exception as exc:
+            return _failure(row, exc, "inference")
+        finally:
+            row["t_infer"] = timings.get("infer", 0.0)
+        return row
+
+
+def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
+    """Invert, cast, count, encode and write one mask + its report (CPU). Empties the payload columns."""
+    if row["status"] == STATUS_FAILED:
+        return row
+    timings: dict[str, float] = {}
+    cfg = segmenter.cfg
+    try:
+        record = pickle.loads(row["inversion"])
+        volume = pickle.loads(row["volume"])
+        labels = torch.from_numpy(pickle.loads(row["labels"]).astype(np.int64))
+        prompts = prompts_of(row, cfg)
+        result: SegmentationResult = segmenter.finish(labels, record, volume, prompts, timings)
+        with timed(timings, "write"):
+            write_bytes_atomic(encode_nifti(mask_image(result), compresslevel=cfg.compresslevel), row["output_uri"],
+                               cfg.storage_options)
+        result.timings.update({"read": row["t_read"], "preprocess": row["t_preprocess"], "infer": row["t_infer"]})
+        report = build_report(result, input_uri=row["uri"], output_uri=row["output_uri"], cfg=cfg,
+                              model_uri=cfg.checkpoint, model_sha256=row["model_sha256"] or None)
+        report["resume_key"] = row["resume_key"]
+        write_json(report, report_uri(row["output_uri"]), cfg.storage_options)  # last: marks the output finished
+        row["labelled_voxels"] = int(sum(s["voxels"] for s in result.statistics))
+        row["n_labels"] = len(result.statistics)
+        row["status"] = STATUS_OK
+    except Exception as exc:
+        return _failure(row, exc, "postprocess")
+    finally:
+        row["t_postprocess"] = timings.get("postprocess", 0.0)
+        row["t_write"] = timings.get("write", 0.0)
+        for name in ("model_input", "inversion", "volume", "labels"):
+            row[name] = b""
+    return row

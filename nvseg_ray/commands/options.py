@@ -1,0 +1,68 @@
+"""Command-line options shared by ``nvseg segment`` and ``jobs/batch_segment.py`` (InferenceConfig fields)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _classes(text: str) -> list[int | str]:
+    return [int(t) if t.isdigit() else t for t in _csv(text)]
+
+
+def _points(text: str) -> list[tuple[float, float, float]]:
+    points = []
+    for chunk in text.split(";"):
+        vals = _csv(chunk)
+        if len(vals) != 3:
+            raise argparse.ArgumentTypeError(f"a point needs 3 voxel coordinates 'i,j,k', got '{chunk}'")
+        try:
+            points.append(tuple(float(v) for v in vals))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"point coordinates must be numbers, got '{chunk}'") from None
+    return points  # type: ignore[return-value]
+
+
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for every :class:`~nvseg_ray.config.InferenceConfig` field a user sets on the command line."""
+    p.add_argument("--checkpoint", "-c", help="model.pt path or URI (see `nvseg weights download`)")
+    p.add_argument("--modality", "-m", help="everything-set: CT_BODY, MRI_BODY or MRI_BRAIN")
+    p.add_argument("--classes", type=_classes, help="comma-separated class names or ids, e.g. liver,spleen,3")
+    p.add_argument("--points", type=_points, help="point prompts 'i,j,k;i,j,k' in input voxel coordinates")
+    p.add_argument("--point-labels", type=_ints, help="one label per point: 1 positive, 0 negative")
+    p.add_argument("--no-subclass-expansion", dest="expand_subclasses", action="store_const", const=False,
+                   help="do not expand prompts 2/20/21 into their parts (finetuned checkpoints)")
+    p.add_argument("--label-catalog", help="catalog JSON or an upstream bundle directory")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--patch-size", type=_ints, help="sliding-window size, default 192,192,128")
+    p.add_argument("--overlap", type=float, help="window overlap, default 0.25")
+    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass, default 1")
+    p.add_argument("--class-chunk-size", type=int, help="classes per logit evaluation, default 16")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="disable fp16 autocast on CUDA")
+    p.add_argument("--output-dtype", help="uint16 (default), uint8, int16, int32, float32 (upstream)")
+    p.add_argument("--layout", dest="output_layout", choices=["nested", "flat"], help="output layout")
+    p.add_argument("--postfix", dest="output_postfix", help="mask file postfix, default 'trans'")
+    p.add_argument("--max-voxels", type=int, help="refuse volumes with more voxels than this")
+    p.add_argument("--overwrite", action="store_const", const=True, help="replace existing outputs")
+
+
+_CONFIG_FLAGS = ("checkpoint", "modality", "classes", "points", "point_labels", "expand_subclasses",
+                 "label_catalog", "device", "patch_size", "overlap", "sw_batch_size", "class_chunk_size", "amp",
+                 "output_dtype", "output_layout", "output_postfix", "max_voxels", "overwrite")
+
+
+def inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The InferenceConfig values given as flags (unset flags are None and fall through to YAML/defaults)."""
+    return {name: getattr(args, name, None) for name in _CONFIG_FLAGS}
+
+
