@@ -1,4 +1,4 @@
-"""``nvseg`` command line: ``labels``, ``segment``, ``weights``.
+"""``nvseg`` command line: ``segment``, ``batch``, ``labels``, ``weights``.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 invalid options, config, classes or modality;
 3 one or more input volumes failed (the others were written); 4 checkpoint / weights problem;
@@ -17,17 +17,22 @@ from .errors import NvsegError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import labels, segment, weights
+    from .commands import batch, labels, segment, weights
 
     parser = argparse.ArgumentParser(prog="nvseg", description="NV-Segment-CTMR segmentation at any scale")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (segment, labels, weights):
+    for module in (segment, batch, labels, weights):
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["batch"]:  # its own parser (shared with jobs/batch_segment.py), flags passed through as-is
+        from .batch.cli import main as batch_main
+
+        return batch_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")

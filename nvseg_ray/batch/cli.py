@@ -1,0 +1,83 @@
+"""Command line of the batch job (``jobs/batch_segment.py`` and ``nvseg batch``).
+
+    python jobs/batch_segment.py --input s3://bkt/ct/ --output s3://bkt/masks/ \\
+        --modality CT_BODY --checkpoint s3://bkt/models/model.pt
+    ray job submit --working-dir . -- python jobs/batch_segment.py ...       # on a running cluster
+
+Starts a local Ray when none is reachable (``RAY_ADDRESS`` / ``--ray-address`` select a cluster). Exit
+status: 0 when no more than ``--max-failures`` volumes failed, 3 otherwise; 2 bad options; 4 checkpoint;
+5 storage; 1 internal error. The run manifest (Parquet) and summary (JSON) land in
+``<output>/_nvseg_runs/<run>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from ..commands.options import add_inference_arguments, inference_overrides
+from ..errors import NvsegError
+from . import BatchConfig, run_batch
+
+_BATCH_FLAGS = ("input", "output", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
+                "min_actors", "max_actors", "model_node_resource", "cpu_node_resource", "max_attempts",
+                "max_failures", "progress_interval_s", "progress_bars", "run_name", "ray_address")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nvseg batch | jobs/batch_segment.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", "-i", help="folder/prefix (recursive), glob, file, or manifest .csv/.jsonl/.parquet")
+    p.add_argument("--output", "-o", help="output folder/prefix (mirrors the input's relative folders)")
+    p.add_argument("--config", help="YAML with BatchConfig fields and an 'inference:' mapping (flags override)")
+    p.add_argument("--no-recursive", dest="recursive", action="store_const", const=False,
+                   help="only volumes directly in --input")
+    add_inference_arguments(p)
+    g = p.add_argument_group("resources and scheduling")
+    g.add_argument("--preprocess-cpus", type=float, help="CPUs per read/preprocess task (default 1)")
+    g.add_argument("--postprocess-cpus", type=float, help="CPUs per invert/encode/write task (default 1)")
+    g.add_argument("--stage-memory-gb", type=float, help="memory reserved per CPU-stage task (default 2)")
+    g.add_argument("--model-cpus", type=float, help="CPUs per model actor (default 1)")
+    g.add_argument("--model-gpus", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
+    g.add_argument("--min-actors", type=int, help="model actors started up front (default 1)")
+    g.add_argument("--max-actors", type=int, help="model actor pool ceiling (default 1)")
+    g.add_argument("--model-node-resource", help="custom resource naming model nodes, e.g. nvseg_model_node")
+    g.add_argument("--cpu-node-resource", help="custom resource naming preprocessing nodes")
+    g.add_argument("--max-attempts", type=int, help="model attempts per volume when actors die (default 3)")
+    g.add_argument("--max-failures", type=int, help="failed volumes tolerated with exit 0 (default 0; -1 any)")
+    g.add_argument("--progress-interval-s", type=float, help="seconds between status lines (default 10)")
+    g.add_argument("--no-progress-bars", dest="progress_bars", action="store_const", const=False)
+    g.add_argument("--run-name", help="manifest folder name under <output>/_nvseg_runs/")
+    g.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL for all workers)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BatchConfig:
+    overrides = {name: getattr(args, name, None) for name in _BATCH_FLAGS}
+    return BatchConfig.from_sources(args.config, inference=inference_overrides(args), **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    try:
+        return run_batch(config_from_args(args)).exit_code
+    except NvsegError as err:
+        print(f"batch_segment: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"batch_segment: internal error: {type(exc).__name__}: {exc}\n"
+              "  hint: re-run with --debug and report the traceback", file=sys.stderr)
+        return 1
+
+
