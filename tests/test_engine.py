@@ -119,3 +119,19 @@ def test_float32_output_matches_upstream_dtype(tiny_checkpoint, tmp_path):
     cfg = make_cfg(tiny_checkpoint, classes=[1, 3], output_dtype="float32")
     result = Segmenter(cfg).segment(str(path))
     assert result.labels.dtype == np.float32
+
+
+def test_point_prompts_run_through_the_point_head(tiny_checkpoint, tmp_path):
+    path = save_volume(tmp_path / "p.nii.gz", body_phantom((50, 46, 24)), np.diag([1.5, 1.5, 3.0, 1.0]))
+    cfg = make_cfg(tiny_checkpoint, classes=["liver"], points=[(25, 23, 12), (10, 10, 5)], point_labels=[1, 0])
+    result = Segmenter(cfg).segment(str(path))
+    assert result.labels.shape == (50, 46, 24)
+    assert set(np.unique(result.labels)) <= {0, 1}  # the class id where the logit > 0; never 255
+    assert result.prompts.class_ids == (1,) and result.prompts.with_points
+
+
+def test_points_need_exactly_one_class(tiny_checkpoint):
+    from nvseg_ray.errors import PromptError
+
+    with pytest.raises(PromptError, match="exactly one class"):
+        Segmenter(make_cfg(tiny_checkpoint, modality="CT_BODY", points=[(1, 2, 3)]))

@@ -1,0 +1,92 @@
+"""The README's example commands are real: run every `scripts/nvseg ...` / `python jobs/...` line in a sandbox.
+
+The sandbox holds what a user would have: scans, a manifest, a Hugging Face hub (the local stand-in,
+reached through HF_ENDPOINT, serving a tiny generated checkpoint as model.pt) and an S3 bucket called
+`bucket` (moto over HTTP, reached through AWS_ENDPOINT_URL). `scripts/test.sh` (this suite) and
+`ray job submit` (tests/test_batch_jobs.py) are not re-run here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+
+from .hub_standin import hub_env
+from .model_helpers import body_phantom, save_volume
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
+RUNNABLE = ("scripts/nvseg ", "python jobs/")
+
+
+def readme_commands() -> list[str]:
+    lines = [ln.strip() for block in BLOCK.findall((REPO / "README.md").read_text()) for ln in block.splitlines()]
+    runnable = [ln for ln in lines if ln.startswith(RUNNABLE)]
+    # weights downloads first: every other example reads the checkpoints they create
+    return sorted(runnable, key=lambda ln: not ln.startswith("scripts/nvseg weights download"))
+
+
+@pytest.fixture(scope="module")
+def hf_hub_model_bytes(tiny_checkpoint):  # serve the tiny checkpoint as the "pretrained" weights
+    return Path(tiny_checkpoint).read_bytes()
+
+
+def test_readme_lists_the_commands():
+    commands = readme_commands()
+    assert any(c.startswith("scripts/nvseg batch --input scans/") for c in commands)  # the main command
+    assert any(c.startswith("scripts/nvseg segment") for c in commands)
+    assert (REPO / ".ci/run").read_text().count("scripts/test.sh") == 1  # CI runs the README's test command
+
+
+def test_readme_commands_run(hf_hub, s3_env, tmp_path):
+    work = tmp_path / "work"
+    (work / "scans" / "site-a").mkdir(parents=True)
+    save_volume(work / "scans" / "a.nii.gz", body_phantom((56, 50, 24), seed=1), np.diag([1.5, 1.5, 3.0, 1.0]))
+    save_volume(work / "scans" / "site-a" / "b.nii", body_phantom((48, 52, 20), seed=2), np.diag([-1.6, -1.6, 3.2, 1.0]))
+    save_volume(work / "scan.nii.gz", body_phantom((128, 112, 48), seed=3), np.diag([1.0, 1.0, 3.0, 1.0]))
+    save_volume(work / "head.nii.gz", body_phantom((60, 64, 56), seed=4), np.diag([1.1, 1.1, 1.1, 1.0]))
+    (work / "cases.csv").write_text('uri,classes,output_name\nscans/a.nii.gz,"liver,3",case-a\n')
+
+    s3 = boto3.client("s3", endpoint_url=s3_env["endpoint_url"])
+    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    if "bucket" not in existing:
+        s3.create_bucket(Bucket="bucket")
+    for name in ("a.nii.gz", "site-a/b.nii"):
+        s3.upload_file(str(work / "scans" / name), "bucket", f"ct/{name}")
+
+    env = hub_env(hf_hub, tmp_path / "hf-home")
+    env.update({"AWS_ENDPOINT_URL": s3_env["endpoint_url"], "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "RAY_ADDRESS": "local",
+                "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    env.pop("NVSEG_FAULT_INJECT_ACTOR_EXIT", None)
+    for command in readme_commands():
+        argv = shlex.split(command)
+        if argv[0] == "scripts/nvseg":
+            argv[0] = str(REPO / "scripts" / "nvseg")
+        else:  # python jobs/...
+            argv = [sys.executable, str(REPO / argv[1]), *argv[2:]]
+        argv += ["--no-progress-bars"] if "batch" in command else []
+        done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    # what the README promises landed where it says
+    assert (work / "models" / "model.pt").read_bytes() == hf_hub.files["vista3d_pretrained_model/model.pt"].content
+    assert json.loads((work / "models" / "model.pt.json").read_text())["revision"]
+    for rel in ("masks/a/a_trans.nii.gz", "masks/a/a_trans.json", "masks/site-a/b/b_trans.nii.gz",
+                "out/scan/scan_trans.nii.gz", "out/head/head_trans.nii.gz", "out/scan/scan_points.nii.gz",
+                "masks-by-list/case-a/case-a_trans.nii.gz"):
+        assert (work / rel).exists(), rel
+    runs = list((work / "masks" / "_nvseg_runs").glob("*/manifest.parquet"))
+    assert runs and set(pd.read_parquet(runs[0])["status"]) == {"ok"}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="bucket")["Contents"]}
+    assert {"masks/a/a_trans.nii.gz", "masks/site-a/b/b_trans.nii.gz", "one-by-one/a/a_trans.nii.gz",
+            "models/model.pt", "models/model.pt.json"} <= keys
