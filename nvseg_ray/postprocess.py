@@ -39,9 +39,7 @@ def invert_labels(labels: torch.Tensor, prepared: PreparedVolume, transforms: Co
     Returns:
         (X, Y, Z) int32 label map on the input image's voxel grid. Voxels outside the cropped region are 0.
     """
-    ref = prepared.image
-    pred = MetaTensor(labels.detach().to("cpu", torch.float32)[None], meta=dict(ref.meta),
-                      applied_operations=copy.deepcopy(ref.applied_operations))
+    pred = _labels_with_operations(labels, prepared)
     # undo every transform after the first (Spacing): Orientation, then the foreground crop
     pred = Compose(transforms.transforms[1:]).inverse({IMAGE_KEY: pred})[IMAGE_KEY]
     spacing_op = pred.applied_operations[-1]
@@ -58,12 +56,39 @@ def invert_labels(labels: torch.Tensor, prepared: PreparedVolume, transforms: Co
 
 def _monai_invert(labels: torch.Tensor, prepared: PreparedVolume, transforms: Compose) -> np.ndarray:
     """Reference path: MONAI ``Invertd`` with nearest interpolation over the whole chain."""
-    ref = prepared.image
-    pred = MetaTensor(labels.detach().to("cpu", torch.float32)[None], meta=dict(ref.meta),
-                      applied_operations=copy.deepcopy(ref.applied_operations))
+    pred = _labels_with_operations(labels, prepared)
+    reference = MetaTensor(torch.zeros((1, 0, 0, 0)), meta=dict(prepared.image.meta),
+                           applied_operations=copy.deepcopy(pred.applied_operations))
     inverter = Invertd("pred", transform=transforms, orig_keys=IMAGE_KEY, nearest_interp=True, to_tensor=True)
-    out = inverter({"pred": pred, IMAGE_KEY: ref})["pred"]
+    out = inverter({"pred": pred, IMAGE_KEY: reference})["pred"]
     return np.rint(out.detach().cpu().numpy()[0]).astype(np.int32)
+
+
+def _labels_with_operations(labels: torch.Tensor, prepared: PreparedVolume) -> MetaTensor:
+    """The labels as a [1, H, W, D] float32 MetaTensor carrying a copy of the image's transform record.
+
+    MONAI checks that an inverse is run by the very transform instance that recorded the operation (by
+    ``id``); the record may come from another process (Ray stages, Serve replicas) or another instance of
+    the same chain, so the ids are cleared (``TraceKeys.NONE`` skips that check). The chain itself is the
+    one :func:`nvseg_ray.preprocess.build_preprocessing` builds for the same config.
+    """
+    operations = _without_instance_ids(copy.deepcopy(prepared.image.applied_operations))
+    return MetaTensor(labels.detach().to("cpu", torch.float32)[None], meta=dict(prepared.image.meta),
+                      applied_operations=operations)
+
+
+def _without_instance_ids(record):  # noqa: ANN001, ANN202 - nested lists/dicts of MONAI trace records
+    """Set every (nested, e.g. a crop's ``pad_info``) trace record's ``id`` to ``TraceKeys.NONE``, in place."""
+    if isinstance(record, list):
+        for item in record:
+            _without_instance_ids(item)
+    elif isinstance(record, dict):
+        if TraceKeys.ID in record:
+            record[TraceKeys.ID] = TraceKeys.NONE
+        for value in record.values():
+            if isinstance(value, (dict, list)):
+                _without_instance_ids(value)
+    return record
 
 
 def separable_nearest_indices(spacing_op: dict, current_affine: torch.Tensor,

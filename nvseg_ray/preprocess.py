@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.utils import TraceKeys
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -82,10 +81,8 @@ class PreparedVolume:
             an empty image that still carries the metadata and ``applied_operations`` inversion needs.
         """
         voxels = self.image.detach().cpu().numpy()
-        operations = copy.deepcopy(self.image.applied_operations)
-        for op in operations:  # MONAI matches inverses by transform instance id, which a pickle in another
-            op[TraceKeys.ID] = TraceKeys.NONE  # process cannot have: the record is inverted by an equal chain
-        empty = MetaTensor(torch.zeros((1, 0, 0, 0)), meta=dict(self.image.meta), applied_operations=operations)
+        empty = MetaTensor(torch.zeros((1, 0, 0, 0)), meta=dict(self.image.meta),
+                           applied_operations=copy.deepcopy(self.image.applied_operations))
         record = PreparedVolume(image=empty, input_shape=self.input_shape, input_affine=self.input_affine,
                                 points=self.points, point_labels=self.point_labels, timings=dict(self.timings))
         return voxels, record

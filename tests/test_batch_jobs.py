@@ -135,7 +135,11 @@ def test_ray_job_submit_end_to_end(ray_head, tiny_checkpoint, tmp_path):
     submit = [str(RAY_BIN), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
               "python", "jobs/batch_segment.py", "--input", str(inputs), "--output", str(out),
               "--checkpoint", tiny_checkpoint, *COMMON]
-    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # the job agent can come up a little after the dashboard answers
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in done.stdout.lower()
     assert len(_reports(out)) == 3

@@ -12,6 +12,10 @@ from nvseg_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
+#: which typed config each shipped file is (serve_apps/config.yaml is checked in tests/test_serve.py)
+VALIDATORS = {"inference.yaml": InferenceConfig.from_sources,
+              "batch_segment.yaml": lambda path: __import__("nvseg_ray.batch.config", fromlist=["x"])
+              .BatchConfig.from_sources(path).inference}
 
 
 def test_there_are_shipped_configs():
@@ -20,7 +24,8 @@ def test_there_are_shipped_configs():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_config_validates(path):
-    cfg = InferenceConfig.from_sources(path)
+    assert path.name in VALIDATORS, f"add a validator for the new config file {path.name}"
+    cfg = VALIDATORS[path.name](path)
     assert cfg.patch_size == cfgmod.DEFAULT_PATCH_SIZE
 
 

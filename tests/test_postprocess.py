@@ -49,6 +49,10 @@ def test_inversion_equals_monai_invertd(name, seed):
     reference = post._monai_invert(labels, prepared, transforms)
     assert fast.shape == shape
     np.testing.assert_array_equal(fast, reference)
+    # another instance of the same chain (another process, replica or Ray stage) inverts identically
+    other = build_preprocessing(cfg)
+    np.testing.assert_array_equal(post.invert_labels(labels, prepared, other), reference)
+    np.testing.assert_array_equal(post._monai_invert(labels, prepared, other), reference)
 
 
 @pytest.mark.parametrize("name,expect_fast", [("RAS", True), ("permuted", True), ("LAS-half-spacing", True),
