@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import NvsegError
 
@@ -36,21 +36,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    return guarded(f"nvseg {args.command}", lambda: args.func(args), debug=args.debug)
+
+
+def guarded(prog: str, run: Callable[[], int | None], *, debug: bool = False) -> int:
+    """Run a command, turning errors into one message and an exit status (never a traceback unless debug).
+
+    :class:`NvsegError` -> its message and ``exit_code``; Ctrl-C -> 130; anything else is a bug -> 1.
+    """
     try:
-        return int(args.func(args) or 0)
+        return int(run() or 0)
     except NvsegError as err:
-        print(f"nvseg {args.command}: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: say so plainly, traceback only on --debug
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"nvseg {args.command}: internal error: {type(exc).__name__}: {exc}\n"
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc}\n"
               "  hint: re-run with --debug and report the traceback", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import traceback
 
+from ..cli import guarded
 from ..commands.options import add_inference_arguments, inference_overrides
-from ..errors import NvsegError
 from . import BatchConfig, run_batch
 
 _BATCH_FLAGS = ("input", "output", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
@@ -65,19 +63,4 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    try:
-        return run_batch(config_from_args(args)).exit_code
-    except NvsegError as err:
-        print(f"batch_segment: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"batch_segment: internal error: {type(exc).__name__}: {exc}\n"
-              "  hint: re-run with --debug and report the traceback", file=sys.stderr)
-        return 1
-
-
+    return guarded("batch_segment", lambda: run_batch(config_from_args(args)).exit_code, debug=args.debug)
