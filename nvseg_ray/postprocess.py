@@ -37,7 +37,8 @@ def invert_labels(labels: torch.Tensor, prepared: PreparedVolume, transforms: Co
         transforms: the preprocessing chain that produced ``prepared.image``.
 
     Returns:
-        (X, Y, Z) int32 label map on the input image's voxel grid. Voxels outside the cropped region are 0.
+        (X, Y, Z) uint16 label map on the input image's voxel grid (ids < 512 always fit). Voxels outside
+        the cropped region are 0.
     """
     pred = _labels_with_operations(labels, prepared)
     # undo every transform after the first (Spacing): Orientation, then the foreground crop
@@ -47,7 +48,7 @@ def invert_labels(labels: torch.Tensor, prepared: PreparedVolume, transforms: Co
     if fast is None:  # oblique resampling cannot be split per axis: full MONAI inverse
         array = _monai_invert(labels, prepared, transforms)
     else:
-        source = np.rint(pred.as_tensor().numpy()[0]).astype(np.int32)
+        source = np.rint(pred.as_tensor().numpy()[0]).astype(np.uint16)
         array = source[fast]
     if array.shape != prepared.input_shape:  # inversion must land on the input grid exactly
         raise RuntimeError(f"inverted mask shape {array.shape} != input shape {prepared.input_shape}")
@@ -61,7 +62,7 @@ def _monai_invert(labels: torch.Tensor, prepared: PreparedVolume, transforms: Co
                            applied_operations=copy.deepcopy(pred.applied_operations))
     inverter = Invertd("pred", transform=transforms, orig_keys=IMAGE_KEY, nearest_interp=True, to_tensor=True)
     out = inverter({"pred": pred, IMAGE_KEY: reference})["pred"]
-    return np.rint(out.detach().cpu().numpy()[0]).astype(np.int32)
+    return np.rint(out.detach().cpu().numpy()[0]).astype(np.uint16)
 
 
 def _labels_with_operations(labels: torch.Tensor, prepared: PreparedVolume) -> MetaTensor:
@@ -186,7 +187,12 @@ def label_statistics(labels: np.ndarray, affine: np.ndarray, names: Mapping[int,
         names: id -> class name.
     """
     voxel_ml = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    counts = np.bincount(labels.ravel().astype(np.int64, copy=False))
+    counts = np.zeros(1, dtype=np.int64)
+    for slab in labels:  # per first-axis slab: bincount's int64 working copy stays small
+        slab_counts = np.bincount(slab.ravel())
+        if len(slab_counts) > len(counts):
+            counts = np.pad(counts, (0, len(slab_counts) - len(counts)))
+        counts[: len(slab_counts)] += slab_counts
     return [
         {"id": int(i), "name": names.get(int(i), f"class {i}"), "voxels": int(n), "volume_ml": round(n * voxel_ml, 4)}
         for i, n in enumerate(counts)
