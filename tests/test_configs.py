@@ -15,7 +15,9 @@ SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 #: which typed config each shipped file is (serve_apps/config.yaml is checked in tests/test_serve.py)
 VALIDATORS = {"inference.yaml": InferenceConfig.from_sources,
               "batch_segment.yaml": lambda path: __import__("nvseg_ray.batch.config", fromlist=["x"])
-              .BatchConfig.from_sources(path).inference}
+              .BatchConfig.from_sources(path).inference,
+              "train_finetune.yaml": lambda path: __import__("nvseg_ray.training.config", fromlist=["x"])
+              .TrainConfig.from_sources(path)}
 
 
 def test_there_are_shipped_configs():
@@ -26,7 +28,7 @@ def test_there_are_shipped_configs():
 def test_shipped_config_validates(path):
     assert path.name in VALIDATORS, f"add a validator for the new config file {path.name}"
     cfg = VALIDATORS[path.name](path)
-    assert cfg.patch_size == cfgmod.DEFAULT_PATCH_SIZE
+    assert all(s % cfgmod.PATCH_DIVISOR == 0 for s in cfg.patch_size)
 
 
 def test_upstream_effective_defaults_are_pinned():
