@@ -46,6 +46,10 @@ MODEL_FILE = "model.pt"
 LABELS_SUFFIX = ".labels.json"
 STATE_FILE = "train_state.pt"
 MLFLOW_RUN_TAG = "nvseg.ray_run_name"
+#: Tests only: ``"<rank>:<epoch>"`` makes that rank exit abruptly (``os._exit(1)``, like an OOM kill) at the
+#: start of that epoch, once per run (a marker file in the run's storage folder keeps the restart alive).
+#: Read by the driver and handed to the workers in ``train_loop_config`` (see :func:`_maybe_inject_fault`).
+FAULT_INJECTION_ENV = "NVSEG_FAULT_INJECT_TRAIN_EXIT"
 
 
 class TrainingError(NvsegError):
@@ -76,8 +80,14 @@ def labels_sidecar(cfg: TrainConfig, *, epoch: int | None = None, metrics: dict[
     }
 
 
+def _local_abs(path: str) -> str:
+    """A relative local path made absolute: Ray Train workers run in another working directory."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
 def _item_dicts(items: list) -> list[dict[str, Any]]:
-    return [{"image": list(it.image), "label": it.label, "case_id": it.case_id} for it in items]
+    return [{"image": [_local_abs(p) for p in it.image], "label": _local_abs(it.label), "case_id": it.case_id}
+            for it in items]
 
 
 def dice_sums(logits: torch.Tensor, label: torch.Tensor, class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +239,23 @@ def _validate(net: torch.nn.Module, loader: Any, cfg: TrainConfig, device: torch
     return out
 
 
+def _maybe_inject_fault(config: dict[str, Any], rank: int, epoch: int) -> None:
+    """Tests only (:data:`FAULT_INJECTION_ENV`): kill this worker process at the chosen rank and epoch, once.
+
+    Waits a few seconds first so Ray Train's controller (polling every 2 s) has collected the previous
+    epoch's report: the restart then resumes deterministically from that checkpoint."""
+    spec, marker = config.get("fault_inject"), config.get("fault_marker")
+    if not spec or not marker or spec != f"{rank}:{epoch}":
+        return
+    from ..io import exists, write_bytes_atomic
+
+    if exists(marker):
+        return
+    write_bytes_atomic(spec.encode(), marker)
+    time.sleep(5.0)
+    os._exit(1)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"train": TrainConfig dump, "train_items": [...], "val_items":
     [...], "run_name": str, "tracking_uri": str | None, "use_gpu": bool}``."""
@@ -305,6 +332,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_metrics: dict[str, float] = dict(history[-1]) if history else {}
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            _maybe_inject_fault(config, rank, epoch)
             t0 = time.perf_counter()
             if isinstance(getattr(train_dl, "sampler", None), DistributedSampler):
                 train_dl.sampler.set_epoch(epoch)
@@ -450,6 +478,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     t0 = time.perf_counter()
     train_items, val_items = prepare_run(cfg)
+    cfg = cfg.model_copy(update={"checkpoint": _local_abs(cfg.checkpoint)})  # workers have another cwd
     tracking_uri, artifact_location = resolve_tracking_uri(cfg.mlflow_tracking_uri)
     if tracking_uri:
         try:
@@ -466,6 +495,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         use_gpu = False
     loop_config = {"train": cfg.model_dump(mode="json"), "train_items": train_items, "val_items": val_items,
                    "run_name": run_name, "tracking_uri": tracking_uri, "use_gpu": use_gpu}
+    if os.environ.get(FAULT_INJECTION_ENV):  # tests only
+        from ..io import join_uri
+
+        loop_config["fault_inject"] = os.environ[FAULT_INJECTION_ENV]
+        loop_config["fault_marker"] = join_uri(_storage_path(cfg.storage_path), run_name, ".nvseg_fault_injected")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
