@@ -54,7 +54,9 @@ class InferenceConfig(BaseModel):
         None, description="point prompts, voxel coordinates (i, j, k) of the INPUT image"
     )
     point_labels: list[int] | None = Field(None, description="1 = positive, 0 = negative, one per point")
-    expand_subclasses: bool = Field(True, description="expand prompts 2/20/21 into their parts (upstream)")
+    expand_subclasses: bool | None = Field(
+        None, description="expand prompts 2/20/21 into their parts (upstream); None = what the checkpoint's "
+        "<checkpoint>.labels.json sidecar says (finetuned models), else true")
     label_catalog: str | None = Field(None, description="project catalog JSON or upstream bundle dir")
 
     spacing: tuple[float, float, float] = DEFAULT_SPACING_MM

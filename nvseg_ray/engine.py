@@ -19,7 +19,7 @@ from .config import InferenceConfig
 from .errors import ConfigError, PromptError
 from .inference import resolve_device, segment_classes, segment_points
 from .labels import LabelCatalog
-from .model import LoadedModel, load_model
+from .model import LoadedModel, checkpoint_label_info, load_model
 from .postprocess import cast_labels, invert_labels, label_statistics
 from .preprocess import PreparedVolume, build_preprocessing, prepare
 from .validation import ValidatedVolume, VolumeLimits, read_and_validate
@@ -45,6 +45,7 @@ class Prompts:
     requested: list[int | str] | None
     modality: str | None
     with_points: bool = False
+    expand_subclasses: bool = True
 
 
 @dataclass
@@ -66,6 +67,13 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def expands_subclasses(cfg: InferenceConfig) -> bool:
+    """Whether prompts 2/20/21 expand: the explicit setting, else a finetuned checkpoint's sidecar, else true."""
+    if cfg.expand_subclasses is not None:
+        return cfg.expand_subclasses
+    return bool(checkpoint_label_info(cfg.checkpoint, cfg.storage_options).get("expand_subclasses", True))
+
+
 def resolve_prompts(cfg: InferenceConfig, catalog: LabelCatalog, *, classes: Sequence[int | str] | None = None,
                     modality: str | None = None) -> Prompts:
     """Turn the configured (or per-volume) class names/ids / modality into global ids.
@@ -84,10 +92,11 @@ def resolve_prompts(cfg: InferenceConfig, catalog: LabelCatalog, *, classes: Seq
         )
     if with_points and not classes:
         raise PromptError("point prompts need exactly one class: add --classes NAME_OR_ID")
-    ids = catalog.resolve_prompts(classes or None, modality=modality, expand_subclasses=cfg.expand_subclasses,
+    expand = expands_subclasses(cfg)
+    ids = catalog.resolve_prompts(classes or None, modality=modality, expand_subclasses=expand,
                                   with_points=with_points)
     return Prompts(class_ids=tuple(ids), requested=list(classes) if classes else None, modality=modality,
-                   with_points=with_points)
+                   with_points=with_points, expand_subclasses=expand)
 
 
 class Segmenter:

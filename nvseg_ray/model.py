@@ -9,6 +9,7 @@ multi-channel checkpoints and the tiny checkpoints the tests generate all load w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Mapping
@@ -154,3 +155,31 @@ def load_model(uri: str, *, storage_options: dict | None = None) -> LoadedModel:
     state_dict, digest = load_state_dict_from_uri(uri, storage_options=storage_options)
     network = build_network(state_dict, source=uri)
     return LoadedModel(network, architecture_from_state_dict(state_dict), uri, digest)
+
+
+#: sidecar written next to finetuned checkpoints (``nvseg_ray.training``): label mapping, subclass behaviour.
+LABELS_SIDECAR_SUFFIX = ".labels.json"
+
+
+def checkpoint_label_info(uri: str | None, storage_options: dict | None = None) -> dict:
+    """The ``<checkpoint>.labels.json`` sidecar of a finetuned checkpoint, or ``{}`` when there is none.
+
+    Read once per process and checkpoint (it is a few hundred bytes next to the weights).
+    """
+    if not uri:
+        return {}
+    import json
+
+    return json.loads(_read_label_info(uri, json.dumps(storage_options or {}, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_label_info(uri: str, storage_options_json: str) -> str:
+    import json
+
+    try:
+        raw = read_bytes(uri + LABELS_SIDECAR_SUFFIX, json.loads(storage_options_json))
+        info = json.loads(raw)
+    except (StorageError, ValueError):
+        return "{}"
+    return json.dumps(info if isinstance(info, dict) else {})

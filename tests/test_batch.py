@@ -175,3 +175,25 @@ def test_config_errors_are_clear(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="min_actors"):
         BatchConfig.from_sources(None, input="x", output="y", min_actors=3, max_actors=1,
                                  inference={"checkpoint": tiny_checkpoint})
+
+
+def test_finetuned_checkpoint_sidecar_round_trips_into_the_batch_job(tiny_checkpoint, tmp_path):
+    """A finetuned model.pt + model.pt.labels.json (as jobs/train.py exports them) runs unchanged in the batch
+    job; the sidecar's expand_subclasses=false keeps a reused group id (2) as one class."""
+    import shutil
+
+    ckpt = tmp_path / "finetuned.pt"
+    shutil.copy(tiny_checkpoint, ckpt)
+    (tmp_path / "finetuned.pt.labels.json").write_text(json.dumps(
+        {"label_mapping": [[1, 2]], "classes": [2], "expand_subclasses": False}))
+    inputs = tmp_path / "in"
+    make_tree(inputs, {"a.nii.gz": 0})
+    result = run_batch(batch_cfg(str(inputs), str(tmp_path / "out"), str(ckpt), inference={"classes": [2]}),
+                       echo=lambda s: None)
+    row = result.manifest.iloc[0]
+    assert row["status"] == "ok" and list(row["class_ids"]) == [2]
+    report = json.loads((tmp_path / "out" / "a" / "a_trans.json").read_text())
+    assert report["prompts"]["expand_subclasses"] is False and report["prompts"]["class_ids"] == [2]
+    # the released weights (no sidecar) still expand 2 -> 14, 5 as upstream does
+    seg = Segmenter(InferenceConfig(checkpoint=tiny_checkpoint, classes=[2]))
+    assert seg.prompts.class_ids == (14, 5)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import InferenceConfig
-from ..engine import Prompts, SegmentationResult, Segmenter, timed
+from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses, timed
 from ..errors import NvsegError
 from ..io import encode_nifti, write_bytes_atomic, write_json
 from ..output import build_report, mask_image, report_uri
@@ -42,7 +42,8 @@ def _failure(row: dict[str, Any], exc: BaseException, stage: str) -> dict[str, A
 def prompts_of(row: dict[str, Any], cfg: InferenceConfig) -> Prompts:
     """The prompts the planner resolved for this row."""
     return Prompts(class_ids=tuple(int(i) for i in row["class_ids"]), requested=json.loads(row["requested"]),
-                   modality=row["modality"] or None, with_points=cfg.points is not None)
+                   modality=row["modality"] or None, with_points=cfg.points is not None,
+                   expand_subclasses=expands_subclasses(cfg))
 
 
 def without_voxels(volume: Any) -> Any:
