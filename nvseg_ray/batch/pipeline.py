@@ -176,8 +176,6 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     ensure_ray(cfg.ray_address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
-    if hasattr(ctx, "wait_for_min_actors_s"):
-        ctx.wait_for_min_actors_s = 600
     cfg_json = cfg.inference.model_dump_json()
     gpus = cfg.model_gpus if cfg.model_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
     tracker = ray.remote(num_cpus=0)(_AttemptTracker).remote()
