@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ try:  # a checkout used without `pip install -e .`
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvseg_ray.errors import NvsegError
+from nvseg_ray.cli import guarded
 from nvseg_ray.training.config import TrainConfig
 
 
@@ -109,27 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    try:
+    def run() -> int:
         from nvseg_ray.training.loop import run_training
 
-        cfg = config_from_args(args)
-        result = run_training(cfg)
+        result = run_training(config_from_args(args))
         print(json.dumps({"run_name": result.run_name, "output": result.output, "metrics": result.metrics,
                           "checkpoint": result.checkpoint_path, "seconds": round(result.seconds, 1)}, indent=2))
         return 0
-    except NvsegError as err:
-        print(f"train: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"train: internal error: {type(exc).__name__}: {exc}\n"
-              "  hint: re-run with --debug and report the traceback", file=sys.stderr)
-        return 1
 
+    return guarded("train", run, debug=args.debug)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,6 +38,26 @@ Modality = Literal["CT_BODY", "MRI_BODY", "MRI_BRAIN"]
 OutputDType = Literal["uint8", "uint16", "int16", "int32", "float32"]
 
 
+def check_patch_size(v: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Every patch dimension a positive multiple of 16 (SegResNetDS2 downsamples 4 times)."""
+    if any(s <= 0 or s % PATCH_DIVISOR for s in v):
+        raise ValueError(f"every patch dimension must be a positive multiple of {PATCH_DIVISOR}, got {list(v)} "
+                         "(upstream's training patch [192, 198, 128] is a typo for [192, 192, 128])")
+    return v
+
+
+def check_spacing(v: tuple[float, float, float]) -> tuple[float, float, float]:
+    if any(s <= 0 for s in v):
+        raise ValueError(f"spacing must be positive, got {list(v)}")
+    return v
+
+
+def check_percentiles(v: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 <= v[0] < v[1] <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {list(v)}")
+    return v
+
+
 class InferenceConfig(BaseModel):
     """Everything that decides what the engine computes and where it writes.
 
@@ -77,27 +97,9 @@ class InferenceConfig(BaseModel):
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. S3 endpoint")
 
-    @field_validator("patch_size")
-    @classmethod
-    def _patch_divisible(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        bad = [s for s in v if s <= 0 or s % PATCH_DIVISOR]
-        if bad:
-            raise ValueError(f"every patch dimension must be a positive multiple of {PATCH_DIVISOR}, got {list(v)}")
-        return v
-
-    @field_validator("spacing")
-    @classmethod
-    def _positive_spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(s <= 0 for s in v):
-            raise ValueError(f"spacing must be positive, got {list(v)}")
-        return v
-
-    @field_validator("percentiles")
-    @classmethod
-    def _ordered_percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 <= v[0] < v[1] <= 100.0:
-            raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {list(v)}")
-        return v
+    _check_patch = field_validator("patch_size")(lambda cls, v: check_patch_size(v))
+    _check_spacing = field_validator("spacing")(lambda cls, v: check_spacing(v))
+    _check_percentiles = field_validator("percentiles")(lambda cls, v: check_percentiles(v))
 
     @field_validator("modality", mode="before")
     @classmethod

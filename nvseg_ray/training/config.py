@@ -19,7 +19,9 @@ from ..config import (
     DEFAULT_CROP_MARGIN,
     DEFAULT_OVERLAP,
     DEFAULT_PERCENTILES,
-    PATCH_DIVISOR,
+    check_patch_size,
+    check_percentiles,
+    check_spacing,
     load_yaml_mapping,
     validate_config,
 )
@@ -133,14 +135,7 @@ class TrainConfig(BaseModel):
         except NvsegError as err:  # pydantic only collects ValueErrors
             raise ValueError(err.message) from None
 
-    @field_validator("patch_size")
-    @classmethod
-    def _patch_divisible(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        bad = [s for s in v if s <= 0 or s % PATCH_DIVISOR]
-        if bad:
-            raise ValueError(f"every patch dimension must be a positive multiple of {PATCH_DIVISOR}, got {list(v)} "
-                             "(upstream's [192, 198, 128] is a typo for [192, 192, 128])")
-        return v
+    _check_patch = field_validator("patch_size")(lambda cls, v: check_patch_size(v))
 
     @field_validator("spacing", mode="before")
     @classmethod
@@ -149,19 +144,8 @@ class TrainConfig(BaseModel):
             v = (float(v),) * 3
         return v
 
-    @field_validator("spacing")
-    @classmethod
-    def _positive_spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(s <= 0 for s in v):
-            raise ValueError(f"spacing must be positive, got {list(v)}")
-        return v
-
-    @field_validator("percentiles")
-    @classmethod
-    def _ordered_percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 <= v[0] < v[1] <= 100.0:
-            raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {list(v)}")
-        return v
+    _check_spacing = field_validator("spacing")(lambda cls, v: check_spacing(v))
+    _check_percentiles = field_validator("percentiles")(lambda cls, v: check_percentiles(v))
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
