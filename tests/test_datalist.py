@@ -180,3 +180,11 @@ def test_check_items_shapes_and_channels(tmp_path: Path) -> None:
     assert any("small: label" in p and "[8, 8, 5]" in p for p in problems)
     assert any("t1: image channel 1" in p and "[8, 8, 7]" in p for p in problems)
     assert any(p == "nolabel: no label" for p in problems)
+
+
+def test_label_mapping_accepts_class_names_with_suggestions():
+    from nvseg_ray.training.datalist import LabelMappingError, parse_label_mapping
+
+    assert parse_label_mapping([[1, "Spleen"], [2, "liver"]]) == ((1, 3), (2, 1))
+    with pytest.raises(LabelMappingError, match="did you mean 'spleen'"):
+        parse_label_mapping([[1, "splen"]])

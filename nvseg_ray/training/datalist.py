@@ -228,10 +228,17 @@ def split_folds(items: list[DataItem], fold: int) -> tuple[list[DataItem], list[
 # --------------------------------------------------------------------------------------------------------
 
 
+def _catalog():  # noqa: ANN202 - imported lazily: the catalog is only needed for class names
+    from ..labels import LabelCatalog
+
+    return LabelCatalog.default()
+
+
 def parse_label_mapping(value: Any) -> LabelMapping:
     """Validate a label mapping ``[[local, global], ...]``.
 
     Accepts a sequence of pairs, its JSON text (``'[[1, 3]]'``), or upstream's ``{"default": [[1, 3]]}``.
+    The global side may be a class name (``[[1, "spleen"]]``), looked up in the label catalog.
     Locals must be integers >= 1 without duplicates; globals integers in 1..511 (several locals may map
     to one global).
 
@@ -253,6 +260,12 @@ def parse_label_mapping(value: Any) -> LabelMapping:
     pairs: list[tuple[int, int]] = []
     seen: set[int] = set()
     for i, pair in enumerate(value):
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], str) and _is_int(pair[0]):
+            try:  # a class name on the global side: resolved through the label catalog ("did you mean" on typos)
+                pair = (pair[0], _catalog().resolve(pair[1]))
+            except NvsegError as err:
+                problems.append(f"entry {i}: {err.message}")
+                continue
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
             problems.append(f"entry {i} {pair!r} is not a pair of integers")
             continue
