@@ -99,8 +99,12 @@ def ray_head():
     gcs, dash = _free_port(), _free_port()
     env = _env()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths are length-limited
+    # every port explicit: the job agent's default listen port (52365) is taken when another Ray (the in-process
+    # test cluster) runs on this machine, and the job server then answers "No available agent" forever
     start = [str(RAY_BIN), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
              f"--temp-dir={temp_dir}"]
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
