@@ -6,7 +6,6 @@ the in-process cluster of tests/test_batch.py.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

@@ -12,7 +12,6 @@ from nvseg_ray.config import InferenceConfig
 from nvseg_ray.engine import Segmenter
 from nvseg_ray.inference import argmax_over_classes
 from nvseg_ray.labels import LabelCatalog
-from nvseg_ray.model import load_model
 from nvseg_ray.output import mask_uri, write_result
 from nvseg_ray.upstream import upstream_segment
 

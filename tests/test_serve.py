@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gzip
-import io
 import json
 import socket
 import threading

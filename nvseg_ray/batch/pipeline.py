@@ -27,7 +27,7 @@ from .config import BatchConfig
 from .inputs import discover
 from .manifest import Progress, format_summary, manifest_frame, run_uris, summarize, write_manifest
 from .plan import checkpoint_identity, plan_rows
-from .rows import STATUS_FAILED, STATUS_PENDING, fail_row
+from .rows import STATUS_PENDING, fail_row
 from .stages import ModelStage, postprocess_row, preprocess_row
 
 #: exit status when more volumes failed than ``max_failures`` allows (same as ``nvseg segment``).

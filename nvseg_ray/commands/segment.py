@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from ..config import InferenceConfig
 from ..errors import ConfigError, NvsegError
