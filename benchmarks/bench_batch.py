@@ -42,7 +42,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -52,6 +51,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_batch.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._common import log, work_folder, write_report  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -506,7 +507,7 @@ def run_sequential(paths: Sequence[Path], out_dir: Path, settings: dict[str, Any
             seg.segment(str(paths[0]))
             calibration[n_threads] = time.perf_counter() - t0
         threads = min(calibration, key=calibration.get)
-        _log(args, "  torch threads (untimed trial on the first volume): " + ", ".join(
+        log(args, "  torch threads (untimed trial on the first volume): " + ", ".join(
             f"{k}: {v:.1f} s" for k, v in calibration.items()) + f" -> {threads}")
     torch.set_num_threads(threads)
     rest = sampler.begin()
@@ -524,7 +525,7 @@ def run_sequential(paths: Sequence[Path], out_dir: Path, settings: dict[str, Any
         finish.append(report_mtime(out))
         infer.append(result.timings.get("infer", 0.0))
         del result
-        _log(args, f"  sequential {i + 1}/{len(paths)}: " + ", ".join(
+        log(args, f"  sequential {i + 1}/{len(paths)}: " + ", ".join(
             f"{k} {v:.2f}" for k, v in stage_s.items()) + " (cumulative s)")
     wall = time.perf_counter() - start
     cpu1 = os.times()
@@ -744,27 +745,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--n must be >= 2 (steady state needs two finished volumes) and --scale >= 1")
     if args.classes is None and not args.modality:
         args.classes = _classes(DEFAULT_CLASSES)
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            work = Path(args.workdir)
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nvseg-bench-batch-")))
+    with work_folder(args.workdir, "nvseg-bench-batch-") as work:
         report = _run(args, work)
     if not args.quiet:
         print()
     print(format_table(report))
     print(format_targets(report))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {args.json_out}")
+    write_report(report, args.json_out)
     return report
-
-
-def _log(args: argparse.Namespace, msg: str) -> None:
-    if not args.quiet:
-        print(msg, flush=True)
 
 
 def _start_ray(args: argparse.Namespace) -> tuple[bool, float]:
@@ -802,24 +790,24 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ckpt, synthetic_ckpt = str(write_tiny_checkpoint(work / "tiny_model.pt")), True
     inputs_s = time.perf_counter() - t0
     settings = inference_settings(args, ckpt)
-    _log(args, f"inputs: {args.n} synthetic CTs {list(args.shape)} @ {list(args.spacing)} mm "
+    log(args, f"inputs: {args.n} synthetic CTs {list(args.shape)} @ {list(args.spacing)} mm "
                f"({sources[0].stat().st_size / MB:.1f} MB each){f', {big} links for (c)' if big else ''}; "
                f"model {'tiny generated (width 8)' if synthetic_ckpt else ckpt}; prepared in {inputs_s:.1f} s")
-    _log(args, f"prompts: {args.classes or args.modality}; patch {list(args.patch_size)}")
+    log(args, f"prompts: {args.classes or args.modality}; patch {list(args.patch_size)}")
 
     runs: list[dict[str, Any]] = []
     load_start = os.getloadavg()[0]
     if load_start > 0.5 * (os.cpu_count() or 1):
-        _log(args, f"note: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete, "
+        log(args, f"note: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete, "
                    "times will be noisy")
     ray_info: dict[str, Any] = {}
     with TreeMemorySampler() as sampler:
         seq = None
         if not args.skip_sequential:
-            _log(args, f"(a) sequential, {args.n} volumes ...")
+            log(args, f"(a) sequential, {args.n} volumes ...")
             seq = run_sequential(in_n, work / "out_seq", settings, sampler, args)
             runs.append(seq)
-            _log(args, f"  {seq['wall_s']:.1f} s with {seq['torch_threads']} torch thread(s), "
+            log(args, f"  {seq['wall_s']:.1f} s with {seq['torch_threads']} torch thread(s), "
                        f"{seq['volumes_per_s']:.3f} vol/s, infer "
                        f"{seq['model_busy_fraction']:.0%} of the time, peak {seq['peak_rss_mb']:.0f} MB")
         import ray
@@ -830,19 +818,19 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             ray_info = {"started_here": started, "init_s": init_s, "cpus": resources.get("CPU"),
                         "memory_gb": round(resources.get("memory", 0) / 1024**3, 1),
                         "object_store_gb": round(resources.get("object_store_memory", 0) / 1024**3, 1)}
-            _log(args, f"ray: {'started' if started else 'joined'} ({resources.get('CPU')} logical CPUs"
+            log(args, f"ray: {'started' if started else 'joined'} ({resources.get('CPU')} logical CPUs"
                        f"{f', init {init_s:.1f} s' if started else ''}); model actor {args.model_cpus:g} CPU, "
                        f"preprocess {args.preprocess_cpus:g}, postprocess {args.postprocess_cpus:g} CPU per task")
-            _log(args, f"(b) ray, {args.n} volumes ...")
+            log(args, f"(b) ray, {args.n} volumes ...")
             ray_n = run_ray(work / "in_n", work / "out_ray_n", settings, sampler, args, f"N={args.n}")
             runs.append(ray_n)
-            _log(args, _ray_line(ray_n))
+            log(args, _ray_line(ray_n))
             ray_big = None
             if big:
-                _log(args, f"(c) ray, {big} volumes ...")
+                log(args, f"(c) ray, {big} volumes ...")
                 ray_big = run_ray(work / "in_big", work / "out_ray_big", settings, sampler, args, f"N={big}")
                 runs.append(ray_big)
-                _log(args, _ray_line(ray_big))
+                log(args, _ray_line(ray_big))
         finally:
             if started:
                 ray.shutdown()

@@ -34,14 +34,12 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import gzip
-import json
 import logging
 import os
 import platform
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -53,6 +51,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_serve.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._common import log, work_folder, write_report  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -391,12 +391,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("bench_serve.py starts its own local Ray and Serve: run it in a fresh process "
                          "(e.g. `RAY_ADDRESS=local python benchmarks/bench_serve.py`), not inside a Ray session")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            work = Path(args.workdir)
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nvseg-bench-serve-")))
+    with work_folder(args.workdir, "nvseg-bench-serve-") as work:
         report = _run(args, work)
     if not args.quiet:
         print()
@@ -405,16 +400,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = format_breakdown(report)
     if text:
         print(text)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {args.json_out}")
+    write_report(report, args.json_out)
     return report
-
-
-def _log(args: argparse.Namespace, msg: str) -> None:
-    if not args.quiet:
-        print(msg, flush=True)
 
 
 def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR0915 - one linear script
@@ -462,13 +449,13 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
     model_grid = list(prepared.prepared.image.shape[1:])
     in_shape = list(direct_result.volume.image.shape[:3])
     n_params = sum(p.numel() for p in segmenter.model.network.parameters())
-    _log(args, f"input: {path.name} {in_shape} @ {args.spacing if synthetic_input else 'given'} mm, "
+    log(args, f"input: {path.name} {in_shape} @ {args.spacing if synthetic_input else 'given'} mm, "
                f"{len(file_bytes) / 1024:.0f} kB; model grid {model_grid}; patch {list(cfg.patch_size)}")
-    _log(args, f"model: {'tiny generated' if not args.checkpoint else ckpt}, "
+    log(args, f"model: {'tiny generated' if not args.checkpoint else ckpt}, "
                f"{n_params / 1e6:.1f} M parameters (loaded in {load_s:.1f} s); {len(prompts.class_ids)} classes; "
                f"device {segmenter.device}; {torch.get_num_threads()} torch threads")
     if load_start > 0.5 * (os.cpu_count() or 1):
-        _log(args, f"note: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete, "
+        log(args, f"note: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete, "
                    "latencies will be noisy (C=1 is interleaved request by request to share the noise)")
 
     # -- Ray + Serve ----------------------------------------------------------------------------------
@@ -497,7 +484,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
             url = f"http://127.0.0.1:{port}"
             wait_ready(url)
             startup_s = time.perf_counter() - t0
-            _log(args, f"Ray ({args.ray_cpus} logical CPUs) + Serve app ready in {startup_s:.1f} s at {url}; "
+            log(args, f"Ray ({args.ray_cpus} logical CPUs) + Serve app ready in {startup_s:.1f} s at {url}; "
                        f"image served from {files_url}/{path.name}")
             report = _measure(args, url, f"{files_url}/{path.name}", path, file_bytes, segmenter, processor,
                               settings, cfg, prompts, fields, prepared, direct_result, options)
@@ -520,7 +507,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
     report["machine"] = {**machine_info(), "loadavg_start_1min": round(load_start, 2),
                          "loadavg_end_1min": round(os.getloadavg()[0], 2)}
     report["total_s"] = time.perf_counter() - t_start
-    _log(args, f"done in {report['total_s']:.0f} s (load average {load_start:.1f} -> {os.getloadavg()[0]:.1f})")
+    log(args, f"done in {report['total_s']:.0f} s (load average {load_start:.1f} -> {os.getloadavg()[0]:.1f})")
     return report
 
 
@@ -584,7 +571,7 @@ def _measure(args: argparse.Namespace, url: str, image_url: str, path: Path, fil
         for _ in range(max(args.warmup, 1)):
             upload()
         http_json()
-        _log(args, f"warm-up done; HTTP mask == direct labels: {labels_equal}; nifti response {response_bytes} B")
+        log(args, f"warm-up done; HTTP mask == direct labels: {labels_equal}; nifti response {response_bytes} B")
 
         # -- load ----------------------------------------------------------------------------------
         results: list[dict[str, Any]] = []
@@ -592,17 +579,17 @@ def _measure(args: argparse.Namespace, url: str, image_url: str, path: Path, fil
             n = max(args.requests, c)
             paths = [p for p in PATHS if p != "upload" or c in args.upload_concurrency]
             if c == 1:
-                _log(args, f"C=1: {n} rounds of {', '.join(paths)} (interleaved) ...")
+                log(args, f"C=1: {n} rounds of {', '.join(paths)} (interleaved) ...")
                 measured = run_interleaved({p: calls[p] for p in paths}, n)
             else:
                 measured = {}
                 for p in paths:
-                    _log(args, f"C={c}: {n} x {p} ...")
+                    log(args, f"C={c}: {n} x {p} ...")
                     measured[p] = run_load(direct if p == "direct" else calls[p], n, c)
             for p in paths:
                 r = measured[p]
                 results.append({"path": p, "concurrency": c, **r})
-                _log(args, f"  {p:7s} C={c:<3d} p50 {_fmt(r['p50_ms'], '.0f')} ms  p95 {_fmt(r['p95_ms'], '.0f')} ms  "
+                log(args, f"  {p:7s} C={c:<3d} p50 {_fmt(r['p50_ms'], '.0f')} ms  p95 {_fmt(r['p95_ms'], '.0f')} ms  "
                            f"{_fmt(r['rps'], '.2f')} req/s  ({r['ok']}/{r['requests']} ok)")
 
         by = {(r["path"], r["concurrency"]): r for r in results}
@@ -621,7 +608,7 @@ def _measure(args: argparse.Namespace, url: str, image_url: str, path: Path, fil
 
         breakdown = None
         if args.breakdown > 0:
-            _log(args, "overhead breakdown ...")
+            log(args, "overhead breakdown ...")
             breakdown = _breakdown(args.breakdown, image_url, settings, segmenter, processor, cfg, prompts, fields,
                                    prepared, direct_result, http_json, live, d1, h1, response_bytes, direct_c1,
                                    fetch_image, nifti_gz, mask_image, Segmenter, serve)

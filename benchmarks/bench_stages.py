@@ -31,13 +31,11 @@ import contextlib
 import ctypes
 import gc
 import glob
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -48,6 +46,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_stages.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._common import log, work_folder, write_report  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -555,27 +555,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--shape, --spacing and --patch-size need 3 values each")
     if args.repeat < 1:
         raise SystemExit("--repeat must be >= 1")
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            work = Path(args.workdir)
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nvseg-bench-")))
+    with work_folder(args.workdir, "nvseg-bench-") as work:
         report = _run(args, work)
     if not args.quiet:
         print()
     print(format_table(report))
     print(format_summary(report))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {args.json_out}")
+    write_report(report, args.json_out)
     return report
-
-
-def _log(args: argparse.Namespace, msg: str) -> None:
-    if not args.quiet:
-        print(msg, flush=True)
 
 
 def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -613,40 +600,40 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     in_shape = tuple(int(s) for s in header.shape[:3])
     in_spacing = tuple(round(float(z), 4) for z in header.header.get_zooms()[:3])
     n_params = sum(p.numel() for p in model.network.parameters())
-    _log(args, f"input: {path.name} {in_shape} @ {in_spacing} mm, {path.stat().st_size / MB:.1f} MB "
+    log(args, f"input: {path.name} {in_shape} @ {in_spacing} mm, {path.stat().st_size / MB:.1f} MB "
                f"({'synthetic' if synthetic_input else 'given'}; inputs prepared in {inputs_s:.1f} s)")
-    _log(args, f"model: {'tiny generated' if synthetic_ckpt else ckpt} width {model.architecture.embed_dim}, "
+    log(args, f"model: {'tiny generated' if synthetic_ckpt else ckpt} width {model.architecture.embed_dim}, "
                f"{n_params / 1e6:.1f} M parameters, loaded in {load_s:.1f} s; device {device}, "
                f"{torch.get_num_threads()} torch threads")
-    _log(args, f"prompts: {len(class_ids)} classes ({args.classes or args.modality}); patch "
+    log(args, f"prompts: {len(class_ids)} classes ({args.classes or args.modality}); patch "
                f"{list(cfg.patch_size)}, overlap {cfg.overlap}")
 
     load_start = os.getloadavg()[0]
     if load_start > 0.5 * (os.cpu_count() or 1):
-        _log(args, f"note: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete, "
+        log(args, f"note: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete, "
                    "times will be noisy (use --repeat, which alternates the sides and keeps the best time)")
     warmup_s = None
     if not args.no_warmup:
         t0 = time.perf_counter()
         warm_up(model.network, cfg.patch_size, class_ids[:1], device)
         warmup_s = time.perf_counter() - t0
-        _log(args, f"warm-up window (untimed): {warmup_s:.1f} s")
+        log(args, f"warm-up window (untimed): {warmup_s:.1f} s")
     ours_runs: list[dict] = []
     up_runs: list[dict] = []
     ours_res: dict[str, Any] = {}
     up_res: dict[str, Any] = {}
     with MemoryMonitor() as monitor:
         if not monitor.hwm_resettable:
-            _log(args, "note: /proc/self/clear_refs not writable: peaks come from the 5 ms sampler only")
+            log(args, "note: /proc/self/clear_refs not writable: peaks come from the 5 ms sampler only")
         for i in range(args.repeat):
             tag = f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else ""
-            _log(args, f"ours{tag} ...")
+            log(args, f"ours{tag} ...")
             rec = Recorder(monitor, device)
             ours_res = run_ours(str(path), str(work / f"ours{i}"), cfg, model, rec)
             ours_runs.append(rec.stages)
-            _log(args, "  " + ", ".join(f"{s} {rec.stages[s]['seconds']:.2f}s" for s in STAGES))
+            log(args, "  " + ", ".join(f"{s} {rec.stages[s]['seconds']:.2f}s" for s in STAGES))
             if not args.skip_upstream:
-                _log(args, f"upstream{tag} ...")
+                log(args, f"upstream{tag} ...")
                 ours_labels = ours_res["labels"]
                 ours_res["labels"] = None  # keep one reference only while upstream runs
                 settle()
@@ -656,7 +643,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 up_runs.append(rec.stages)
                 ours_res["labels"] = ours_labels
                 del ours_labels
-                _log(args, "  " + ", ".join(f"{s} {rec.stages[s]['seconds']:.2f}s" for s in STAGES))
+                log(args, "  " + ", ".join(f"{s} {rec.stages[s]['seconds']:.2f}s" for s in STAGES))
 
     model_shape = ours_res["model_shape"]
     ours = summarise(ours_runs)
@@ -693,7 +680,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         report["ratio"]["total"] = up["total_s"] / ours["total_s"]
         report["agreement"] = agreement(ours_res["labels"], up_res["labels"])
     mg = report["model_grid"]
-    _log(args, f"model grid {mg['shape']} ({mg['voxels'] / 1e6:.1f} M voxels, {mg['windows']} windows); "
+    log(args, f"model grid {mg['shape']} ({mg['voxels'] / 1e6:.1f} M voxels, {mg['windows']} windows); "
                f"upstream logits buffer {mg['upstream_logits_mb']:.0f} MB")
     return report
 
