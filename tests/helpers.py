@@ -8,6 +8,7 @@ produced), then parsed back with ``from_bytes`` so that ``img.dataobj`` is a laz
 from __future__ import annotations
 
 import gzip
+import re
 import io
 from collections.abc import Sequence
 
@@ -135,3 +136,47 @@ def write_nifti_file(path: str, img: nib.Nifti1Image) -> str:
     with open(path, "wb") as fh:
         fh.write(nifti_bytes(img, gz=str(path).endswith(".gz")))
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Runnable commands in the Markdown docs (README.md, docs/*.md), for the tests that run them as written
+# ------------------------------------------------------------------------------------------------------
+
+_BASH_BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
+#: the lines a user would run: the CLI wrapper and the Ray jobs.
+RUNNABLE = ("scripts/nvseg ", "python jobs/")
+#: the README section whose commands tests/test_training_e2e.py runs (the others: tests/test_readme.py).
+FINETUNE_SECTION = "### Finetuning and evaluation"
+
+
+def markdown_sections(text: str) -> dict[str, str]:
+    """``{heading line: body}`` for every Markdown heading (``#`` .. ``####``) of ``text`` outside code fences
+    (a ``# comment`` in a bash block is not a heading); text before the first heading is under ``""``."""
+    sections: dict[str, list[str]] = {"": []}
+    current, fenced = "", False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,4} ", line):
+            current = line.strip()
+            sections[current] = []
+            continue
+        sections[current].append(line)
+    return {head: "".join(body) for head, body in sections.items()}
+
+
+def runnable_commands(text: str) -> list[str]:
+    """Every ``scripts/nvseg ...`` / ``python jobs/...`` line of the bash blocks of ``text``, in order, with
+    backslash continuations joined and whitespace normalised."""
+    commands = []
+    for block in _BASH_BLOCK.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = " ".join(line.split())
+            if line.startswith(RUNNABLE):
+                commands.append(line)
+    return commands
+
+
+def readme_section(text: str, prefix: str) -> str:
+    """The body of the first section whose heading starts with ``prefix``."""
+    return next(body for head, body in markdown_sections(text).items() if head.startswith(prefix))

@@ -54,7 +54,10 @@ def test_prefix_with_corrupt_file_mirrors_folders_and_matches_cli(tiny_checkpoin
     make_tree(inputs, {"p1/ct/a.nii.gz": 0, "p2/b.nii": 1, "c.nii.gz": 2}, corrupt=("p2/broken.nii.gz",))
     (inputs / "notes.txt").write_text("ignored: not a volume")
     out = tmp_path / "out"
-    result = run_batch(batch_cfg(str(inputs), str(out), tiny_checkpoint), echo=lambda s: None)
+    result = run_batch(batch_cfg(str(inputs), str(out), tiny_checkpoint, max_in_flight=2), echo=lambda s: None)
+    # the admission gate held: never more than 2 volumes between read and written mask, every slot freed
+    # (including the corrupt file's, which failed in preprocessing)
+    assert result.summary["in_flight"] == {"limit": 2, "held": 0, "peak": 2}
 
     rows = by_uri(result.manifest)
     assert set(rows) == {"a.nii.gz", "b.nii", "c.nii.gz", "broken.nii.gz"}
@@ -159,13 +162,15 @@ def test_jsonl_manifest_with_bad_rows(tiny_checkpoint, tmp_path):
 def test_actor_crash_is_retried_then_marked_failed(tiny_checkpoint, tmp_path, monkeypatch):
     inputs = tmp_path / "in"
     make_tree(inputs, {"good1.nii.gz": 0, "poison.nii.gz": 1, "good2.nii.gz": 2})
-    cfg = batch_cfg(str(inputs), str(tmp_path / "out"), tiny_checkpoint, max_attempts=2)
+    # one volume in flight: a slot leaked by the crashed (and retried) model task would hang the job here
+    cfg = batch_cfg(str(inputs), str(tmp_path / "out"), tiny_checkpoint, max_attempts=2, max_in_flight=1)
     monkeypatch.setenv(FAULT_INJECTION_ENV, "poison")  # forwarded to the job's workers (NVSEG_* prefix)
     result = run_batch(cfg, echo=lambda s: None)
     rows = by_uri(result.manifest)
     assert rows["poison.nii.gz"]["status"] == "failed"
     assert rows["poison.nii.gz"]["error_code"] == "model_worker_crashed"
     assert rows["good1.nii.gz"]["status"] == rows["good2.nii.gz"]["status"] == "ok"
+    assert result.summary["in_flight"] == {"limit": 1, "held": 0, "peak": 1}
 
 
 def test_config_errors_are_clear(tiny_checkpoint, tmp_path):

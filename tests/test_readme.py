@@ -9,7 +9,6 @@ reached through HF_ENDPOINT, serving a tiny generated checkpoint as model.pt) an
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -20,17 +19,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from .helpers import FINETUNE_SECTION, markdown_sections, runnable_commands
 from .hub_standin import hub_env
 from .model_helpers import body_phantom, save_volume
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
-RUNNABLE = ("scripts/nvseg ", "python jobs/")
 
 
 def readme_commands() -> list[str]:
-    lines = [ln.strip() for block in BLOCK.findall((REPO / "README.md").read_text()) for ln in block.splitlines()]
-    runnable = [ln for ln in lines if ln.startswith(RUNNABLE)]
+    """The README's runnable lines outside the finetuning walkthrough (tests/test_training_e2e.py runs that)."""
+    sections = markdown_sections((REPO / "README.md").read_text())
+    runnable = [c for head, body in sections.items() if not head.startswith(FINETUNE_SECTION)
+                for c in runnable_commands(body)]
     # weights downloads first: every other example reads the checkpoints they create
     return sorted(runnable, key=lambda ln: not ln.startswith("scripts/nvseg weights download"))
 

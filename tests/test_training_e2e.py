@@ -1,6 +1,6 @@
 """Finetuning end to end: a worker killed mid-run (Ray Train restarts from the last checkpoint) tracked by a
 real MLflow tracking server, checkpoints on the loopback S3 server (and a resume from there), and the
-docs/finetune.md walkthrough run command by command in a sandbox.
+README's finetuning walkthrough (the same commands as docs/finetune.md) run command by command in a sandbox.
 
 Kept small for 2 CPU cores: 32³ volumes at 1.5 mm, patch 32³, 1-2 epochs per run.
 """
@@ -22,12 +22,11 @@ import pytest
 
 from nvseg_ray.training.loop import FAULT_INJECTION_ENV
 
+from .helpers import FINETUNE_SECTION, readme_section, runnable_commands
 from .test_training import make_dataset, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "finetune.md"
-BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
-RUNNABLE = ("python jobs/", "scripts/nvseg ")
 
 
 def _free_port() -> int:
@@ -164,20 +163,13 @@ def test_checkpoints_on_s3_and_resume(tmp_path, tiny_checkpoint, ray_cluster, s3
 
 
 # ------------------------------------------------------------------------------------------------------
-# 4. docs/finetune.md walkthrough
+# 4. the README's finetuning walkthrough (docs/finetune.md explains the same commands step by step)
 # ------------------------------------------------------------------------------------------------------
 
 
 def doc_commands() -> list[str]:
-    """Every ``python jobs/...`` / ``scripts/nvseg ...`` line of the doc's bash blocks, in order
-    (backslash continuations joined)."""
-    commands = []
-    for block in BLOCK.findall(DOC.read_text()):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = " ".join(line.split())
-            if line.startswith(RUNNABLE):
-                commands.append(line)
-    return commands
+    """The runnable lines of the README's finetuning section, in order."""
+    return runnable_commands(readme_section((REPO / "README.md").read_text(), FINETUNE_SECTION))
 
 
 #: what the test appends to keep each command tiny (nothing else is changed).
@@ -208,6 +200,7 @@ def _sandbox(work: Path, checkpoint: str) -> None:
 
 def test_doc_lists_the_walkthrough():
     commands = doc_commands()
+    assert runnable_commands(DOC.read_text()) == commands  # the long-form guide shows exactly these commands
     kinds = [c.split()[1] for c in commands]
     assert kinds == ["jobs/train.py", "jobs/train.py", "jobs/evaluate.py", "segment"], commands
     assert "--run-name" in commands[0] and "--run-name" in commands[1]

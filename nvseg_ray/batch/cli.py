@@ -20,7 +20,7 @@ from ..commands.options import add_inference_arguments, inference_overrides
 from . import BatchConfig, run_batch
 
 _BATCH_FLAGS = ("input", "output", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
-                "min_actors", "max_actors", "model_node_resource", "cpu_node_resource", "max_attempts",
+                "min_actors", "max_actors", "model_node_resource", "cpu_node_resource", "max_in_flight", "max_attempts",
                 "max_failures", "progress_interval_s", "progress_bars", "run_name", "ray_address")
 
 
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-actors", type=int, help="model actor pool ceiling (default 1)")
     g.add_argument("--model-node-resource", help="custom resource naming model nodes, e.g. nvseg_model_node")
     g.add_argument("--cpu-node-resource", help="custom resource naming preprocessing nodes")
+    g.add_argument("--max-in-flight", type=int,
+                   help="most volumes between read and written mask; bounds memory (default 3 per actor + 2)")
     g.add_argument("--max-attempts", type=int, help="model attempts per volume when actors die (default 3)")
     g.add_argument("--max-failures", type=int, help="failed volumes tolerated with exit 0 (default 0; -1 any)")
     g.add_argument("--progress-interval-s", type=float, help="seconds between status lines (default 10)")

@@ -1,12 +1,13 @@
 """The Ray Data wiring of the batch job: a thin layer over :mod:`.stages`.
 
-    plan (driver) -> read+preprocess (CPU tasks) -> model (actor pool, GPU when present)
-                  -> invert+encode+write (CPU tasks) -> manifest (driver)
+    plan (driver) -> admit (0-CPU gate) -> read+preprocess (CPU tasks) -> model (actor pool, GPU when present)
+                  -> invert+encode+write (CPU tasks, frees the slot) -> manifest (driver)
 
-Rows carry URIs and compact payloads, one volume per block; Ray Data streams them with backpressure, so
-memory stays bounded however many volumes there are. Per-row error handling lives in the stages; this
-module adds placement (resources), retries of crashed model actors (bounded per volume through an
-attempt counter actor), progress reporting and the manifest.
+Rows carry URIs and compact payloads, one volume per block. The gate (:mod:`.admission`) keeps at most
+``max_in_flight`` volumes between "read starts" and "mask written", so memory stays flat however many volumes
+there are. Per-row error handling lives in the stages; this module adds placement (resources), retries of
+crashed model actors (bounded per volume through an attempt counter actor), progress reporting and the
+manifest.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..config import InferenceConfig
 from ..engine import Segmenter
 from ..errors import NvsegError
 from ..labels import LabelCatalog
+from .admission import InFlightLimiter, admit, default_in_flight, release
 from .config import BatchConfig
 from .inputs import discover
 from .manifest import Progress, format_summary, manifest_frame, run_uris, summarize, write_manifest
@@ -66,9 +68,12 @@ def _preprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
     return row
 
 
-def _postprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
-    row = postprocess_row(dict(row), _segmenter(cfg_json))
-    row["postprocess_node"] = _node_id()
+def _postprocess(row: dict[str, Any], cfg_json: str, limiter: Any) -> dict[str, Any]:
+    try:
+        row = postprocess_row(dict(row), _segmenter(cfg_json))
+        row["postprocess_node"] = _node_id()
+    finally:
+        release(row, limiter)  # the mask and report are written (or the row failed): admit the next volume
     return row
 
 
@@ -156,13 +161,16 @@ def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> Batch
     echo(f"[nvseg] {len(rows)} input(s): {len(pending)} to segment, "
          f"{len(finished)} skipped or refused before processing")
     n_actors = 0
+    in_flight: dict[str, int] = {}
     if pending:
         n_actors = cfg.max_actors
-        finished.extend(_run_pipeline(cfg, pending, progress, echo))
+        done, in_flight = _run_pipeline(cfg, pending, progress, echo)
+        finished.extend(done)
     frame = manifest_frame(finished)
     wall = time.monotonic() - started
     summary = summarize(frame, wall_s=wall, run_name=run_name, manifest_uri=run_uris(cfg.output, run_name)[0],
                         n_actors=n_actors)
+    summary["in_flight"] = in_flight
     write_manifest(frame, summary, cfg.output, run_name, inf.storage_options)
     echo(format_summary(frame, summary))
     too_many = cfg.max_failures >= 0 and summary["failed"] > cfg.max_failures
@@ -170,7 +178,8 @@ def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> Batch
 
 
 def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
-                  echo: Callable[[str], None]) -> list[dict]:
+                  echo: Callable[[str], None]) -> tuple[list[dict], dict[str, int]]:
+    """Stream ``pending`` through the stages; returns the finished rows and the limiter's in-flight stats."""
     import ray
 
     ensure_ray(cfg.ray_address)
@@ -179,8 +188,12 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     cfg_json = cfg.inference.model_dump_json()
     gpus = cfg.model_gpus if cfg.model_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
     tracker = ray.remote(num_cpus=0)(_AttemptTracker).remote()
+    limit = cfg.max_in_flight or default_in_flight(cfg.max_actors)
+    limiter = ray.remote(num_cpus=0)(InFlightLimiter).remote(limit)
 
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+    # One gate task at a time, 0 CPUs: it waits for a free slot without holding a core (see .admission).
+    ds = ds.map(admit, fn_kwargs={"limiter": limiter}, num_cpus=0, concurrency=1)
     # CPU stages reserve memory per volume (Ray then never packs more volumes on a node than fit); their
     # resource request differing from the model actors' also keeps Ray Data from fusing the two stages,
     # so preprocessing scales on its own instead of running inside the model actors.
@@ -194,7 +207,8 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
                                                     "threads": int(max(1, cfg.model_cpus))},
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
                 num_cpus=cfg.model_cpus, num_gpus=gpus, runtime_env=runtime_env, **_placement(cfg.model_node_resource))
-    ds = ds.map(_postprocess, fn_kwargs={"cfg_json": cfg_json}, num_cpus=cfg.postprocess_cpus, **cpu_args)
+    ds = ds.map(_postprocess, fn_kwargs={"cfg_json": cfg_json, "limiter": limiter},
+                num_cpus=cfg.postprocess_cpus, **cpu_args)
 
     done: list[dict] = []
     stop = threading.Event()
@@ -214,9 +228,20 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     finally:
         stop.set()
         ticker.join(timeout=1)
+        in_flight = _limiter_stats(limiter)
         ray.kill(tracker)
-    echo(progress.line())
-    return done
+        ray.kill(limiter)
+    echo(progress.line() + (f"; at most {in_flight['peak']} of {limit} volumes in flight" if in_flight else ""))
+    return done, in_flight
+
+
+def _limiter_stats(limiter: Any) -> dict[str, int]:
+    import ray
+
+    try:
+        return ray.get(limiter.stats.remote(), timeout=10)
+    except Exception:  # the cluster is gone: the stats are a nicety, the manifest is what matters
+        return {}
 
 
 def _tick(stop: threading.Event, progress: Progress, interval: float, echo: Callable[[str], None]) -> None:
