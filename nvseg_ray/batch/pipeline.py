@@ -192,8 +192,14 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     limiter = ray.remote(num_cpus=0)(InFlightLimiter).remote(limit)
 
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+    # The gate below bounds the work in flight, so Ray Data's per-operator reservations are not needed, and
+    # they deadlock with it on small clusters: with 2 CPUs (1 held by the model actor), the reservation
+    # keeps the last CPU for preprocessing while it still has upstream input, i.e. while the gate waits for
+    # postprocessing to free a slot, and postprocessing never gets a CPU. Without reservations each stage
+    # runs whenever the cluster has room. (Set on this dataset's own context, not the process-wide one.)
+    ds.context.op_resource_reservation_enabled = False
     # One gate task at a time, 0 CPUs: it waits for a free slot without holding a core (see .admission).
-    ds = ds.map(admit, fn_kwargs={"limiter": limiter}, num_cpus=0, concurrency=1)
+    ds = ds.map(admit, fn_kwargs={"limiter": limiter}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=1))
     # CPU stages reserve memory per volume (Ray then never packs more volumes on a node than fit); their
     # resource request differing from the model actors' also keeps Ray Data from fusing the two stages,
     # so preprocessing scales on its own instead of running inside the model actors.
