@@ -58,6 +58,44 @@ def check_percentiles(v: tuple[float, float]) -> tuple[float, float]:
     return v
 
 
+class BrainConfig(BaseModel):
+    """The brain T1 workflow run before and after the model when the modality is ``MRI_BRAIN``
+    (:mod:`nvseg_ray.brain`; UPSTREAM.md §9)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    preprocess: Literal["full", "none"] = Field(
+        "full", description="full: skull strip, N4, WM-peak normalisation, registration to the template and revert; "
+        "none: the input is already template-aligned (upstream's manual mode)")
+    skull_strip: Literal["atlas", "command", "none"] = Field(
+        "atlas", description="atlas: register the head to the template and bring its brain mask back; command: run "
+        "skull_strip_command; none: the input is already skull-stripped")
+    skull_strip_command: str | None = Field(
+        None, description="command line with {input}, {output} and optionally {mask} placeholders, e.g. "
+        "'mri_synthstrip -i {input} -o {output} -m {mask}'")
+    skull_strip_timeout_s: float = Field(300.0, gt=0)
+    template: str | None = Field(None, description="template T1 (e.g. LUMIR_template.nii.gz) path or URI; None = the "
+                                 "ICBM152 2009a template shipped in nilearn")
+    template_mask: str | None = Field(None, description="template brain mask; None = template > 0 (or nilearn's)")
+    bias_correction: bool = Field(True, description="N4 bias-field correction")
+    min_brain_ml: float = Field(600.0, gt=0, description="smaller brain masks flag a failed strip/registration")
+    max_brain_ml: float = Field(2600.0, gt=0, description="larger brain masks flag a failed strip/registration")
+    min_correlation: float = Field(0.5, ge=-1, le=1, description="registered image vs template correlation inside "
+                                   "the template brain below this flags a failed registration")
+
+    @model_validator(mode="after")
+    def _command_given(self) -> BrainConfig:
+        if self.skull_strip == "command":
+            if not self.skull_strip_command:
+                raise ValueError("skull_strip 'command' needs skull_strip_command, e.g. "
+                                 "'mri_synthstrip -i {input} -o {output} -m {mask}'")
+            if "{input}" not in self.skull_strip_command or "{output}" not in self.skull_strip_command:
+                raise ValueError("skull_strip_command must contain the {input} and {output} placeholders")
+        if self.min_brain_ml >= self.max_brain_ml:
+            raise ValueError(f"min_brain_ml ({self.min_brain_ml}) must be below max_brain_ml ({self.max_brain_ml})")
+        return self
+
+
 class InferenceConfig(BaseModel):
     """Everything that decides what the engine computes and where it writes.
 
@@ -96,6 +134,7 @@ class InferenceConfig(BaseModel):
     overwrite: bool = False
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. S3 endpoint")
+    brain: BrainConfig = Field(default_factory=BrainConfig, description="brain T1 workflow (modality MRI_BRAIN)")
 
     _check_patch = field_validator("patch_size")(lambda cls, v: check_patch_size(v))
     _check_spacing = field_validator("spacing")(lambda cls, v: check_spacing(v))
@@ -124,18 +163,34 @@ class InferenceConfig(BaseModel):
     @classmethod
     def from_sources(cls, yaml_path: str | Path | None = None, **overrides: Any) -> InferenceConfig:
         """Defaults < YAML file < overrides (``None`` overrides are ignored, so unset CLI flags fall through)."""
-        data: dict[str, Any] = {}
-        if yaml_path is not None:
-            data.update(load_yaml_mapping(yaml_path))
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return validate_config(cls, data, source=str(yaml_path) if yaml_path else "options")
+        data: dict[str, Any] = load_yaml_mapping(yaml_path) if yaml_path is not None else {}
+        return validate_config(cls, merge_overrides(data, overrides), source=str(yaml_path) if yaml_path else "options")
+
+    def uses_brain_workflow(self, modality: str | None = None) -> bool:
+        """Whether a volume of ``modality`` (default: the configured one) runs the brain T1 workflow."""
+        return (modality or self.modality) == "MRI_BRAIN" and self.brain.preprocess == "full"
 
     def resume_key_fields(self) -> dict[str, Any]:
         """The settings that change the mask; hashed into batch-job output keys."""
         return self.model_dump(
             include={"modality", "classes", "points", "point_labels", "expand_subclasses", "spacing", "crop_margin",
-                     "percentiles", "patch_size", "overlap", "output_dtype", "label_catalog"}
+                     "percentiles", "patch_size", "overlap", "output_dtype", "label_catalog", "brain"}
         )
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` updated with the non-None ``overrides``; mapping values (e.g. ``brain``) merge one level deep, so a
+    flag overrides one nested field without dropping the others that came from YAML."""
+    out = dict(data)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = {**out[key], **{k: v for k, v in value.items() if v is not None}}
+        elif isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+        out[key] = value
+    return out
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class SegmentationResult:
         prompts: what was segmented.
         statistics: per-label ``{"id", "name", "voxels", "volume_ml"}``.
         timings: seconds per stage (see :data:`STAGES`).
+        brain: the brain workflow record as JSON (:class:`nvseg_ray.brain.BrainRecord`), or None.
     """
 
     labels: np.ndarray
@@ -65,6 +66,7 @@ class SegmentationResult:
     prompts: Prompts
     statistics: list[dict]
     timings: dict[str, float] = field(default_factory=dict)
+    brain: dict | None = None
 
 
 def expands_subclasses(cfg: InferenceConfig) -> bool:
@@ -143,10 +145,29 @@ class Segmenter:
         with timed(timings if timings is not None else {}, "read"):
             return read_and_validate(uri, self.cfg.storage_options, self.limits)
 
-    def prepare(self, volume: ValidatedVolume, timings: dict[str, float] | None = None) -> PreparedVolume:
-        """Resample, crop, scale and reorient onto the model grid (CPU)."""
-        with timed(timings if timings is not None else {}, "preprocess"):
-            return prepare(volume.array, volume.affine, self.cfg, self.transforms)
+    def prepare(self, volume: ValidatedVolume, timings: dict[str, float] | None = None,
+                modality: str | None = None) -> PreparedVolume:
+        """Resample, crop, scale and reorient onto the model grid (CPU).
+
+        For ``MRI_BRAIN`` (``modality``, else the configured one) with ``brain.preprocess: full``, the brain T1
+        workflow runs first (skull strip, N4, normalisation, registration onto the template grid; its step times
+        land in ``timings`` as ``brain_<step>``), and the model grid is built from the template-space image.
+        """
+        timings = timings if timings is not None else {}
+        with timed(timings, "preprocess"):
+            if not self.cfg.uses_brain_workflow(modality):
+                return prepare(volume.array, volume.affine, self.cfg, self.transforms)
+            from .brain import prepare_brain
+
+            if self.cfg.points is not None:
+                raise PromptError("point prompts are input-voxel coordinates and cannot follow the brain workflow's "
+                                  "registration", hint="use --brain-preprocess none for point prompts on a brain")
+            warped, record = prepare_brain(volume.array, volume.affine, volume.image, self.cfg.brain, uri=volume.uri,
+                                           storage_options=self.cfg.storage_options)
+            timings.update({f"brain_{step}": seconds for step, seconds in record.timings.items()})
+            prepared = prepare(warped, np.asarray(record.template_affine), self.cfg, self.transforms)
+            prepared.brain = record
+            return prepared
 
     def infer(self, prepared: PreparedVolume, prompts: Prompts | None = None,
               timings: dict[str, float] | None = None) -> torch.Tensor:
@@ -173,16 +194,22 @@ class Segmenter:
         timings = timings if timings is not None else {}
         with timed(timings, "postprocess"):
             on_input = invert_labels(labels, prepared, self.transforms)
+            if prepared.brain is not None:  # template grid -> the exact input grid
+                from .brain import revert_to_input
+
+                with timed(timings, "brain_revert"):
+                    on_input = revert_to_input(on_input, prepared.brain)
             out = cast_labels(on_input, self.cfg.output_dtype, max(prompts.class_ids, default=0))
             names = {i: self.catalog.name(i) for i in prompts.class_ids}
             stats = label_statistics(on_input, volume.affine, names)
-        return SegmentationResult(labels=out, volume=volume, prompts=prompts, statistics=stats, timings=timings)
+        return SegmentationResult(labels=out, volume=volume, prompts=prompts, statistics=stats, timings=timings,
+                                  brain=prepared.brain.to_json() if prepared.brain is not None else None)
 
     def segment(self, uri: str, prompts: Prompts | None = None) -> SegmentationResult:
         """All stages for one volume, in-process."""
         timings: dict[str, float] = {}
         volume = self.read(uri, timings)
-        prepared = self.prepare(volume, timings)
+        prepared = self.prepare(volume, timings, modality=(prompts or self._prompts(None)).modality)
         labels = self.infer(prepared, prompts, timings)
         return self.finish(labels, prepared, volume, prompts, timings)
 

@@ -99,6 +99,9 @@ def build_report(result: SegmentationResult, *, input_uri: str, output_uri: str,
                      "device": cfg.device, "amp": cfg.amp},
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "versions": package_versions(),
+        # brain workflow: the template, the world transform (template -> input, 4x4 RAS) and the quality figures,
+        # so other images of the same scan can be mapped the same way
+        **({"brain": result.brain} if result.brain is not None else {}),
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,9 @@ class PreparedVolume:
     points: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: brain workflow record (:class:`nvseg_ray.brain.BrainRecord`) when the input was registered to the brain
+    #: template; ``input_shape``/``input_affine`` are then the template grid, and the record maps back.
+    brain: Any | None = None
 
     @property
     def model_shape(self) -> tuple[int, int, int]:
@@ -84,7 +88,8 @@ class PreparedVolume:
         empty = MetaTensor(torch.zeros((1, 0, 0, 0)), meta=dict(self.image.meta),
                            applied_operations=copy.deepcopy(self.image.applied_operations))
         record = PreparedVolume(image=empty, input_shape=self.input_shape, input_affine=self.input_affine,
-                                points=self.points, point_labels=self.point_labels, timings=dict(self.timings))
+                                points=self.points, point_labels=self.point_labels, timings=dict(self.timings),
+                                brain=self.brain)
         return voxels, record
 
     def with_voxels(self, voxels: np.ndarray) -> PreparedVolume:
@@ -92,7 +97,8 @@ class PreparedVolume:
         image = MetaTensor(torch.from_numpy(np.ascontiguousarray(voxels)), meta=dict(self.image.meta),
                            applied_operations=list(self.image.applied_operations))
         return PreparedVolume(image=image, input_shape=self.input_shape, input_affine=self.input_affine,
-                              points=self.points, point_labels=self.point_labels, timings=dict(self.timings))
+                              points=self.points, point_labels=self.point_labels, timings=dict(self.timings),
+                              brain=self.brain)
 
 
 def to_meta_tensor(array: np.ndarray, affine: np.ndarray) -> MetaTensor:

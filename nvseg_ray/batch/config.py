@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import InferenceConfig, load_yaml_mapping, validate_config
+from ..config import InferenceConfig, load_yaml_mapping, merge_overrides, validate_config
 
 # Named defaults (pinned by tests/test_batch_config.py).
 DEFAULT_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -68,8 +68,6 @@ class BatchConfig(BaseModel):
                      **overrides: Any) -> BatchConfig:
         """Defaults < YAML (top level + an ``inference:`` mapping) < overrides; ``None`` overrides are ignored."""
         data: dict[str, Any] = load_yaml_mapping(yaml_path) if yaml_path is not None else {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        merged = dict(data.get("inference") or {})
-        merged.update({k: v for k, v in (inference or {}).items() if v is not None})
-        data["inference"] = merged
+        data = merge_overrides(data, overrides)
+        data["inference"] = merge_overrides(dict(data.get("inference") or {}), inference or {})
         return validate_config(cls, data, source=str(yaml_path) if yaml_path else "options")

@@ -54,6 +54,18 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postfix", dest="output_postfix", help="mask file postfix, default 'trans'")
     p.add_argument("--max-voxels", type=int, help="refuse volumes with more voxels than this")
     p.add_argument("--overwrite", action="store_const", const=True, help="replace existing outputs")
+    g = p.add_argument_group("brain T1 workflow (--modality MRI_BRAIN)")
+    g.add_argument("--brain-preprocess", choices=["full", "none"],
+                   help="full (default): skull strip, N4, normalise, register to the template, revert; "
+                   "none: the input is already template-aligned")
+    g.add_argument("--skull-strip", choices=["atlas", "command", "none"],
+                   help="atlas (default, nothing to install), command (--skull-strip-command), none (already stripped)")
+    g.add_argument("--skull-strip-command", help="e.g. 'mri_synthstrip -i {input} -o {output} -m {mask}'")
+    g.add_argument("--brain-template", help="template T1 path/URI (e.g. LUMIR_template.nii.gz); default: ICBM152 "
+                   "2009a from nilearn")
+    g.add_argument("--brain-template-mask", help="template brain mask (default: template > 0)")
+    g.add_argument("--no-bias-correction", dest="bias_correction", action="store_const", const=False,
+                   help="skip N4 bias-field correction")
 
 
 _CONFIG_FLAGS = ("checkpoint", "modality", "classes", "points", "point_labels", "expand_subclasses",
@@ -61,8 +73,17 @@ _CONFIG_FLAGS = ("checkpoint", "modality", "classes", "points", "point_labels", 
                  "output_dtype", "output_layout", "output_postfix", "max_voxels", "overwrite")
 
 
+#: flag dest -> BrainConfig field (InferenceConfig.brain).
+_BRAIN_FLAGS = {"brain_preprocess": "preprocess", "skull_strip": "skull_strip",
+                "skull_strip_command": "skull_strip_command", "brain_template": "template",
+                "brain_template_mask": "template_mask", "bias_correction": "bias_correction"}
+
+
 def inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The InferenceConfig values given as flags (unset flags are None and fall through to YAML/defaults)."""
-    return {name: getattr(args, name, None) for name in _CONFIG_FLAGS}
+    overrides: dict[str, Any] = {name: getattr(args, name, None) for name in _CONFIG_FLAGS}
+    brain = {field: getattr(args, dest, None) for dest, field in _BRAIN_FLAGS.items()}
+    overrides["brain"] = {k: v for k, v in brain.items() if v is not None} or None
+    return overrides
 
 

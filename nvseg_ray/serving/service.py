@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import DEFAULT_PATCH_SIZE, InferenceConfig, validate_config
+from ..config import DEFAULT_PATCH_SIZE, BrainConfig, InferenceConfig, validate_config
 from ..engine import Prompts, SegmentationResult, Segmenter, resolve_prompts
 from ..errors import NvsegError, PromptError
 from ..io import decode_nifti, uri_stem
@@ -61,6 +61,7 @@ class ServeSettings(BaseModel):
     allow_private_networks: bool = Field(False, description="allow URLs resolving to private/loopback addresses")
     allowed_output_prefixes: tuple[str, ...] = Field(("s3://",), description="where output_uri may point")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    brain: BrainConfig = Field(default_factory=BrainConfig, description="brain T1 workflow for MRI_BRAIN requests")
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeSettings:
@@ -75,7 +76,8 @@ class ServeSettings(BaseModel):
         return InferenceConfig(checkpoint=self.checkpoint, label_catalog=self.label_catalog, device=self.device,
                                patch_size=self.patch_size, sw_batch_size=self.sw_batch_size,
                                class_chunk_size=self.class_chunk_size, amp=self.amp, output_dtype=self.output_dtype,
-                               max_voxels=self.max_voxels, storage_options=self.storage_options, **prompt_fields)
+                               max_voxels=self.max_voxels, storage_options=self.storage_options, brain=self.brain,
+                               **prompt_fields)
 
 
 class PromptsIn(BaseModel):
@@ -188,7 +190,7 @@ class RequestProcessor:
         start = time.perf_counter()
         volume = validate_nifti(decode_nifti(raw, uri=name), uri=name, limits=self.limits)
         timings["read"] = time.perf_counter() - start
-        prepared = Segmenter(cfg, catalog=self.catalog).prepare(volume, timings)
+        prepared = Segmenter(cfg, catalog=self.catalog).prepare(volume, timings, modality=prompts.modality)
         return PreparedRequest(cfg, prompts, prepared, volume, uri_stem(name) or "image", timings)
 
     def finish(self, request: PreparedRequest, labels: np.ndarray) -> SegmentationResult:
