@@ -289,8 +289,9 @@ def _parse_entrypoint(entrypoint: str):
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_job_entrypoints_parse_and_name_the_resources_the_cluster_advertises(name):
+def test_job_entrypoints_parse_and_name_the_resources_the_cluster_advertises(name, monkeypatch):
     docs = _build(name)
+    monkeypatch.chdir(REPO)  # the entrypoints run in the image's WORKDIR, which holds the repository's files
     batch, train = _one(docs, "RayJob", "nvseg-batch"), _one(docs, "RayJob", "nvseg-train")
 
     script, _, cfg = _parse_entrypoint(batch["spec"]["entrypoint"])
