@@ -11,6 +11,21 @@ from pathlib import Path
 from typing import Any
 
 
+#: embedding width of the generated checkpoints (the released model uses 48).
+TINY_WIDTH = 8
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, width: int = TINY_WIDTH) -> Path:
+    """A randomly initialised ``vista3d132`` state dict (the real architecture, narrower convolutions), saved like
+    upstream's ``model.pt`` (the same as ``tests.model_helpers.make_tiny_state_dict``)."""
+    import torch
+    from monai.networks.nets import vista3d132
+
+    torch.manual_seed(seed)
+    torch.save(vista3d132(encoder_embed_dim=width, in_channels=1).state_dict(), path)
+    return path
+
+
 @contextlib.contextmanager
 def work_folder(path: str | None, prefix: str) -> Iterator[Path]:
     """``path`` (created, kept) when given, else a temporary folder removed afterwards."""

@@ -52,7 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_batch.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._common import log, work_folder, write_report  # noqa: E402
+from benchmarks._common import log, work_folder, write_report, write_tiny_checkpoint  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -60,8 +60,6 @@ import torch  # noqa: E402
 
 MB = 1024 * 1024
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-#: embedding width of the generated checkpoint (the released model uses 48).
-TINY_WIDTH = 8
 
 # Workload defaults: a small field of view (154 x 154 x 120 mm) scanned at high resolution. The model grid
 # (1.5 mm, ~100 x 95 x 80 after the foreground crop) fits ONE 112 x 112 x 80 window, so the tiny model's
@@ -172,15 +170,6 @@ def write_volume(path: Path, shape: Sequence[int], spacing: Sequence[float], see
     img.set_qform(affine, 1)
     img.set_sform(affine, 1)
     nib.save(img, str(path))
-    return path
-
-
-def write_tiny_checkpoint(path: Path, seed: int = 0, width: int = TINY_WIDTH) -> Path:
-    """A randomly initialised ``vista3d132`` state dict, saved like upstream's ``model.pt``."""
-    from monai.networks.nets import vista3d132
-
-    torch.manual_seed(seed)
-    torch.save(vista3d132(encoder_embed_dim=width, in_channels=1).state_dict(), path)
     return path
 
 

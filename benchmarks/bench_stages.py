@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_stages.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._common import log, work_folder, write_report  # noqa: E402
+from benchmarks._common import log, work_folder, write_report, write_tiny_checkpoint  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -56,8 +56,6 @@ import torch  # noqa: E402
 STAGES = ("read", "preprocess", "infer", "postprocess", "write")
 MB = 1024 * 1024
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-#: embedding width of the generated checkpoint (the released model uses 48).
-TINY_WIDTH = 8
 
 DESCRIPTION = """\
 Per-stage benchmark (wall seconds and peak resident memory) of the nvseg-ray engine against the upstream
@@ -160,15 +158,6 @@ def write_phantom(path: Path, shape: Sequence[int], spacing: Sequence[float]) ->
     img.set_qform(affine, 1)
     img.set_sform(affine, 1)
     nib.save(img, str(path))
-    return path
-
-
-def write_tiny_checkpoint(path: Path, seed: int = 0, width: int = TINY_WIDTH) -> Path:
-    """A randomly initialised ``vista3d132`` state dict (the same as ``tests.model_helpers.make_tiny_state_dict``)."""
-    from monai.networks.nets import vista3d132
-
-    torch.manual_seed(seed)
-    torch.save(vista3d132(encoder_embed_dim=width, in_channels=1).state_dict(), path)
     return path
 
 

@@ -47,9 +47,10 @@ def brain_corners(template: BrainTemplate) -> np.ndarray:
 
 
 def make_head(template: BrainTemplate, case: str, **kw):
+    """The synthetic head of ``HEAD_CASES[case]`` (``spacing=`` overrides the case's grid spacing)."""
     rotation, translation, scale, spacing, grid_rotation = HEAD_CASES[case]
     matrix = rigid_scale_matrix(rotation, translation, scale, brain_center(template))
-    return synthetic_head(template, matrix, spacing=spacing, grid_rotation_deg=grid_rotation, **kw)
+    return synthetic_head(template, matrix, spacing=kw.pop("spacing", spacing), grid_rotation_deg=grid_rotation, **kw)
 
 
 def save_head(path: Path, head) -> Path:

@@ -113,6 +113,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def template_paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The ICBM152 brain template and mask at 2 mm (from nilearn) as files: a user template, fast to register to."""
+    from .brain_helpers import write_template_2mm
+
+    return write_template_2mm(tmp_path_factory.mktemp("brain-template"))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Hugging Face Hub stand-in (tests/hub_standin.py; the real Hub is never contacted)
 # --------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from nvseg_ray.engine import Segmenter
 from nvseg_ray.errors import ConfigError, InputError
 from nvseg_ray.output import write_result
 
-from .brain_helpers import HEAD_CASES, brain_corners, make_head, save_head, template_of, write_template_2mm
+from .brain_helpers import HEAD_CASES, brain_corners, make_head, save_head, template_of
 from .model_helpers import TEST_PATCH, body_phantom, save_volume
 
 #: a few MRI_BRAIN classes keep the tiny model's class head cheap (the everything-set is 132 classes).
@@ -28,11 +28,6 @@ BRAIN_CLASSES = [214, 215, 260, 345]
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1))
-
-
-@pytest.fixture(scope="session")
-def template_paths(tmp_path_factory) -> tuple[str, str]:
-    return write_template_2mm(tmp_path_factory.mktemp("brain-template"))
 
 
 @pytest.fixture(scope="session")
@@ -161,3 +156,37 @@ def test_brain_config_errors_are_clear():
     cfg = InferenceConfig.from_sources(None, modality="mri_brain", brain={"skull_strip": "none"})
     assert cfg.uses_brain_workflow() and not cfg.uses_brain_workflow("CT_BODY")
     assert cfg.brain.skull_strip == "none" and cfg.brain.bias_correction  # merged with the defaults
+
+
+def test_batch_job_segments_a_brain_cohort_with_one_broken_scan(template, template_paths, tiny_checkpoint, tmp_path,
+                                                                 ray_cluster):
+    import pandas as pd
+
+    from nvseg_ray.batch.cli import main as batch_main
+
+    cohort = tmp_path / "heads"
+    cohort.mkdir()
+    heads = {"sub-01_T1w.nii.gz": make_head(template, "rot-scale-oblique", seed=1),
+             "sub-02_T1w.nii.gz": make_head(template, "thick-slices-shrunk", as_uint8=True, seed=2)}
+    for name, head in heads.items():
+        save_head(cohort / name, head)
+    save_volume(cohort / "sub-03_ct.nii.gz", body_phantom((40, 44, 36), seed=1), np.diag([1.2, 1.2, 1.5, 1.0]))
+    out = tmp_path / "masks"
+    code = batch_main(["--input", str(cohort), "--output", str(out), "--checkpoint", tiny_checkpoint,
+                       "--modality", "MRI_BRAIN", "--classes", ",".join(map(str, BRAIN_CLASSES)),
+                       "--patch-size", ",".join(map(str, TEST_PATCH)), "--device", "cpu",
+                       "--brain-template", template_paths[0], "--brain-template-mask", template_paths[1],
+                       "--max-failures", "1", "--no-progress-bars", "--run-name", "brain"])
+    assert code == 0  # one failure tolerated
+    manifest = pd.read_parquet(out / "_nvseg_runs" / "brain" / "manifest.parquet")
+    rows = {Path(r["uri"]).name: r for r in manifest.to_dict("records")}
+    assert rows["sub-03_ct.nii.gz"]["status"] == "failed" and rows["sub-03_ct.nii.gz"]["error_code"] == "not_t1_like"
+    for name, head in heads.items():
+        row = rows[name]
+        assert row["status"] == "ok", row["error_message"]
+        assert row["t_brain_skullstrip"] > 0 and row["t_brain_register"] > 0 and row["t_brain_revert"] > 0
+        assert row["t_preprocess"] >= row["t_brain_skullstrip"] + row["t_brain_register"]
+        assert row["registration_correlation"] > 0.9 and 1000 < row["brain_ml"] < 2500
+        mask = nib.load(row["output_uri"])
+        assert mask.shape == head.array.shape and mask.get_data_dtype() == np.uint16
+        np.testing.assert_allclose(mask.affine, head.affine, atol=1e-5)

@@ -19,6 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nvseg_ray.brain.phantom import rigid_scale_matrix, synthetic_head
+from nvseg_ray.brain.template import load_template
+
+from .brain_helpers import save_head
 from .helpers import FINETUNE_SECTION, markdown_sections, runnable_commands
 from .hub_standin import hub_env
 from .model_helpers import body_phantom, save_volume
@@ -53,7 +57,15 @@ def test_readme_commands_run(hf_hub, s3_env, tmp_path):
     save_volume(work / "scans" / "a.nii.gz", body_phantom((56, 50, 24), seed=1), np.diag([1.5, 1.5, 3.0, 1.0]))
     save_volume(work / "scans" / "site-a" / "b.nii", body_phantom((48, 52, 20), seed=2), np.diag([-1.6, -1.6, 3.2, 1.0]))
     save_volume(work / "scan.nii.gz", body_phantom((128, 112, 48), seed=3), np.diag([1.0, 1.0, 3.0, 1.0]))
-    save_volume(work / "head.nii.gz", body_phantom((60, 64, 56), seed=4), np.diag([1.1, 1.1, 1.1, 1.0]))
+    save_volume(work / "brain_in_template_space.nii.gz", body_phantom((60, 64, 56), seed=4) + 1000.0,
+                np.diag([1.1, 1.1, 1.1, 1.0]))
+    # raw T1 heads for the brain workflow: the default (nilearn) template with a skull, moved, on coarse grids
+    template = load_template()
+    save_head(work / "head.nii.gz", synthetic_head(template, rigid_scale_matrix((8, 0, -6), (4, -3, 2)),
+                                                   spacing=(1.5, 1.5, 2.0), seed=1))
+    (work / "heads").mkdir()
+    save_head(work / "heads" / "sub-01.nii.gz", synthetic_head(template, rigid_scale_matrix((0, 10, 0), (0, 5, -5)),
+                                                               spacing=(1.6, 1.6, 1.6), as_uint8=True, seed=2))
     (work / "cases.csv").write_text('uri,classes,output_name\nscans/a.nii.gz,"liver,3",case-a\n')
 
     s3 = boto3.client("s3", endpoint_url=s3_env["endpoint_url"])

@@ -23,6 +23,7 @@ from nvseg_ray.engine import Segmenter
 from nvseg_ray.serving.encode import read_nrrd_zip
 from nvseg_ray.serving.service import DEFAULT_MAX_INFLIGHT, DEFAULT_REQUEST_TIMEOUT_S, ServeSettings
 
+from .brain_helpers import make_head, save_head, template_of
 from .model_helpers import TEST_PATCH, body_phantom, save_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +50,11 @@ class _Files(SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def volumes(tmp_path_factory):
+def volumes(tmp_path_factory, template_paths):
     root = tmp_path_factory.mktemp("served")
+    # a raw T1 head for the brain workflow, coarse and uint8 so that it stays under max_upload_mb
+    save_head(root / "head.nii.gz", make_head(template_of(template_paths), "rot-scale-oblique", spacing=(2.2, 2.2, 2.2),
+                                              as_uint8=True))
     save_volume(root / "ct.nii.gz", body_phantom((48, 44, 22), seed=5), np.diag([1.5, 1.5, 3.0, 1.0]))
     save_volume(root / "ct2.nii.gz", body_phantom((40, 42, 20), seed=6), np.diag([-1.4, 1.4, 2.8, 1.0]))
     (root / "garbage.nii.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 100)
@@ -70,7 +74,7 @@ def file_server(volumes):
 
 
 @pytest.fixture(scope="module")
-def service(tiny_checkpoint, volumes):
+def service(tiny_checkpoint, volumes, template_paths):
     from ray import serve
 
     from serve_apps.app import build_app
@@ -79,7 +83,8 @@ def service(tiny_checkpoint, volumes):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"checkpoint": tiny_checkpoint, "patch_size": list(TEST_PATCH), "device": "cpu", "max_upload_mb": 1.0,
             "request_timeout_s": TIMEOUT_S, "allowed_hosts": ["127.0.0.1"], "allow_private_networks": True,
-            "allowed_output_prefixes": ["s3://"]}
+            "allowed_output_prefixes": ["s3://"],
+            "brain": {"template": template_paths[0], "template_mask": template_paths[1]}}
     serve.run(build_app(args), name="nvseg", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -178,6 +183,24 @@ def test_async_job(service, file_server, s3_env, s3_bucket):
     bad = client.submit_job(f"{file_server}/garbage.nii.gz", f"s3://{s3_bucket}/jobs/x.nii.gz", classes=[1])
     failed = client.wait(bad, timeout_s=60)
     assert failed["status"] == "failed" and failed["error"]["code"] in ("truncated_file", "unreadable_file")
+
+
+def test_brain_t1_job_reverts_onto_the_input_grid(service, file_server, volumes, s3_env, s3_bucket):
+    import s3fs
+
+    client = NvsegClient(service)
+    target = f"s3://{s3_bucket}/brain/head_seg.nii.gz"
+    job_id = client.submit_job(f"{file_server}/head.nii.gz", target, classes=[214, 215, 345], modality="MRI_BRAIN")
+    done = client.wait(job_id, timeout_s=300)
+    assert done["status"] == "succeeded", done
+    fs = s3fs.S3FileSystem(**s3_env)
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(fs.cat(target)))
+    head = nib.load(volumes / "head.nii.gz")
+    assert mask.shape == head.shape and mask.get_data_dtype() == np.uint16
+    np.testing.assert_allclose(mask.affine, head.affine, atol=1e-5)
+    assert set(np.unique(np.asanyarray(mask.dataobj)).tolist()) <= {0, 214, 215, 345}
+    report = json.loads(fs.cat(target.replace(".nii.gz", ".json")))
+    assert report["brain"]["skull_strip"] == "atlas" and report["brain"]["correlation"] > 0.9
 
 
 @pytest.mark.parametrize("kind,status,code", [

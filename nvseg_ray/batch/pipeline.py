@@ -181,15 +181,19 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
                   echo: Callable[[str], None]) -> tuple[list[dict], dict[str, int]]:
     """Stream ``pending`` through the stages; returns the finished rows and the limiter's in-flight stats."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ensure_ray(cfg.ray_address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     cfg_json = cfg.inference.model_dump_json()
     gpus = cfg.model_gpus if cfg.model_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
-    tracker = ray.remote(num_cpus=0)(_AttemptTracker).remote()
+    # the job's bookkeeping actors live on the driver's node (the head under `ray job submit`): a worker node
+    # that dies must not take them along, and losing the driver's node ends the job anyway
+    on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    tracker = ray.remote(num_cpus=0, scheduling_strategy=on_driver)(_AttemptTracker).remote()
     limit = cfg.max_in_flight or default_in_flight(cfg.max_actors)
-    limiter = ray.remote(num_cpus=0)(InFlightLimiter).remote(limit)
+    limiter = ray.remote(num_cpus=0, scheduling_strategy=on_driver)(InFlightLimiter).remote(limit)
 
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
     # The gate below bounds the work in flight, so Ray Data's per-operator reservations are not needed, and

@@ -17,13 +17,18 @@ STATUS_FAILED = "failed"
 
 #: per-stage timing columns, seconds.
 TIMING_COLUMNS = ("t_read", "t_preprocess", "t_infer", "t_postprocess", "t_write")
+#: brain T1 workflow (MRI_BRAIN rows): seconds per step (skull strip .. resample are part of ``t_preprocess``, the
+#: revert of ``t_postprocess``) and the registration quality figures; 0 for other rows.
+BRAIN_TIMING_COLUMNS = ("t_brain_skullstrip", "t_brain_bias_correct", "t_brain_normalize", "t_brain_register",
+                        "t_brain_resample", "t_brain_revert")
+BRAIN_QUALITY_COLUMNS = ("registration_metric", "registration_correlation", "brain_ml")
 #: payload columns dropped before the manifest is written.
 PAYLOAD_COLUMNS = ("model_input", "inversion", "volume", "labels")
 #: manifest columns, in order.
 MANIFEST_COLUMNS = (
     "uri", "rel_dir", "status", "error_code", "error_message", "output_uri", "modality", "requested",
     "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *TIMING_COLUMNS,
-    "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key",
+    *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key",
 )
 
 
@@ -36,7 +41,7 @@ def new_row(uri: str, rel_dir: str = "") -> dict[str, Any]:
         "preprocess_node": "", "model_node": "", "model_actor": "", "postprocess_node": "", "attempts": 0,
         "model_sha256": "", "resume_key": "",
     }
-    row.update({name: 0.0 for name in TIMING_COLUMNS})
+    row.update({name: 0.0 for name in (*TIMING_COLUMNS, *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS)})
     row.update({name: b"" for name in PAYLOAD_COLUMNS})
     return row
 

@@ -23,7 +23,7 @@ from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses,
 from ..errors import NvsegError
 from ..io import encode_nifti, write_bytes_atomic, write_json
 from ..output import build_report, mask_image, report_uri
-from .rows import STATUS_FAILED, STATUS_OK, fail_row
+from .rows import BRAIN_TIMING_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
 
 CODE_INTERNAL = "internal_error"
 CODE_MODEL_CRASHED = "model_worker_crashed"
@@ -61,8 +61,12 @@ def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
     timings: dict[str, float] = {}
     try:
         volume = segmenter.read(row["uri"], timings)
-        prepared = segmenter.prepare(volume, timings)
+        prepared = segmenter.prepare(volume, timings, modality=row["modality"] or None)
         voxels, record = prepared.split()
+        if prepared.brain is not None:
+            row["registration_metric"] = prepared.brain.metric
+            row["registration_correlation"] = prepared.brain.correlation
+            row["brain_ml"] = prepared.brain.brain_ml
         row["model_input"] = pickle.dumps(voxels, protocol=5)
         row["inversion"] = pickle.dumps(record, protocol=5)
         row["volume"] = pickle.dumps(without_voxels(volume), protocol=5)
@@ -73,7 +77,14 @@ def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
     finally:
         row["t_read"] = timings.get("read", 0.0)
         row["t_preprocess"] = timings.get("preprocess", 0.0)
+        _brain_timings(row, timings)
     return row
+
+
+def _brain_timings(row: dict[str, Any], timings: dict[str, float]) -> None:
+    for column in BRAIN_TIMING_COLUMNS:
+        if column[2:] in timings:  # "t_brain_register" <- timings["brain_register"]
+            row[column] = timings[column[2:]]
 
 
 class ModelStage:
@@ -148,6 +159,7 @@ def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]
     finally:
         row["t_postprocess"] = timings.get("postprocess", 0.0)
         row["t_write"] = timings.get("write", 0.0)
+        _brain_timings(row, timings)
         for name in ("model_input", "inversion", "volume", "labels"):
             row[name] = b""
     return row
