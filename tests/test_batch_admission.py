@@ -11,6 +11,7 @@ from nvseg_ray.batch.admission import InFlightLimiter, default_in_flight
 
 def test_default_bound_grows_with_the_actor_pool():
     assert [default_in_flight(n) for n in (1, 2, 8)] == [5, 8, 26]
+    assert default_in_flight(1, cpu_task_slots=1) == 5 and default_in_flight(1, cpu_task_slots=16) == 19
 
 
 def test_rejects_a_zero_limit():

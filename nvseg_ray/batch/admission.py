@@ -21,15 +21,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-#: volumes in flight per model actor (one running, one queued for it, one in a CPU stage) ...
+#: volumes in flight per model actor (one running, one queued for it, one being written) ...
 IN_FLIGHT_PER_ACTOR = 3
-#: ... plus this many for the CPU stages on either side of the model.
+#: ... plus one per CPU-stage task the cluster can run at once, and at least this many.
 IN_FLIGHT_EXTRA = 2
 
 
-def default_in_flight(max_actors: int) -> int:
-    """The default bound for a pool of ``max_actors`` model actors: enough to keep each actor fed."""
-    return IN_FLIGHT_PER_ACTOR * max_actors + IN_FLIGHT_EXTRA
+def default_in_flight(max_actors: int, cpu_task_slots: int = 0) -> int:
+    """The default bound: enough to keep ``max_actors`` model actors fed and ``cpu_task_slots`` CPU-stage tasks
+    busy (slow CPU stages, such as the brain workflow's registration, need every core), but independent of the
+    number of volumes."""
+    return IN_FLIGHT_PER_ACTOR * max_actors + max(IN_FLIGHT_EXTRA, cpu_task_slots)
 
 
 class InFlightLimiter:

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-node-resource", help="custom resource naming model nodes, e.g. nvseg_model_node")
     g.add_argument("--cpu-node-resource", help="custom resource naming preprocessing nodes")
     g.add_argument("--max-in-flight", type=int,
-                   help="most volumes between read and written mask; bounds memory (default 3 per actor + 2)")
+                   help="most volumes between read and written mask; bounds memory (default 3 per actor + CPU-stage slots)")
     g.add_argument("--max-attempts", type=int, help="model attempts per volume when actors die (default 3)")
     g.add_argument("--max-failures", type=int, help="failed volumes tolerated with exit 0 (default 0; -1 any)")
     g.add_argument("--progress-interval-s", type=float, help="seconds between status lines (default 10)")

@@ -47,7 +47,7 @@ class BatchConfig(BaseModel):
                                      description="custom Ray resource that pins model actors to model nodes")
     cpu_node_resource: str = Field("", description="custom Ray resource that pins CPU stages to CPU nodes")
     max_in_flight: int | None = Field(None, ge=1, description="most volumes between read and written mask "
-                                      "(bounds memory); None = 3 per model actor + 2")
+                                      "(bounds memory); None = 3 per model actor + 1 per CPU-stage slot (at least 2)")
     max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, description="model attempts per volume if actors die")
     max_failures: int = Field(DEFAULT_MAX_FAILURES, ge=-1, description="failed volumes tolerated (exit 0); -1 = any")
     progress_interval_s: float = Field(DEFAULT_PROGRESS_INTERVAL_S, gt=0)
