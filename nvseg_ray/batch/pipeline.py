@@ -192,7 +192,7 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     # that dies must not take them along, and losing the driver's node ends the job anyway
     on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tracker = ray.remote(num_cpus=0, scheduling_strategy=on_driver)(_AttemptTracker).remote()
-    limit = cfg.max_in_flight or default_in_flight(cfg.max_actors, _cpu_task_slots(cfg, gpus))
+    limit = cfg.max_in_flight or default_in_flight(cfg.max_actors, _cpu_task_slots(cfg))
     limiter = ray.remote(num_cpus=0, scheduling_strategy=on_driver)(InFlightLimiter).remote(limit)
 
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
@@ -245,16 +245,16 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     return done, in_flight
 
 
-def _cpu_task_slots(cfg: BatchConfig, model_gpus: float) -> int:
+def _cpu_task_slots(cfg: BatchConfig) -> int:
     """How many preprocessing tasks the cluster can run at once now: its CPUs (on ``cpu_node_resource`` nodes
-    when set), less those the model actors take when they share the nodes, per task."""
+    when set), less those the model actors take when nothing keeps them on other nodes, per task."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if cfg.cpu_node_resource:
         nodes = [n for n in nodes if cfg.cpu_node_resource in n.get("Resources", {})]
     cpus = sum(n.get("Resources", {}).get("CPU", 0.0) for n in nodes)
-    if not cfg.cpu_node_resource and not cfg.model_node_resource and not model_gpus:
+    if not cfg.cpu_node_resource and not cfg.model_node_resource:
         cpus -= cfg.max_actors * cfg.model_cpus
     return max(0, int(cpus // cfg.preprocess_cpus))
 
