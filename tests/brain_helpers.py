@@ -16,6 +16,8 @@ HEAD_CASES = {
     "thick-slices-shrunk": ((-15, 5, 0), (-12, 8, 15), (0.92, 0.92, 0.92), (0.9, 0.9, 3.0), (0, 0, 25)),
     "aligned-iso": ((0, 0, 0), (0, 0, 0), (1, 1, 1), (1.0, 1.0, 1.0), (0, 0, 0)),
 }
+#: extra synthetic_head arguments per case: a neck moves the head's centre of mass off the brain's.
+HEAD_OPTIONS = {"thick-slices-shrunk": {"neck_mm": 70.0}}
 
 
 def write_template_2mm(folder: Path) -> tuple[str, str]:
@@ -50,7 +52,8 @@ def make_head(template: BrainTemplate, case: str, **kw):
     """The synthetic head of ``HEAD_CASES[case]`` (``spacing=`` overrides the case's grid spacing)."""
     rotation, translation, scale, spacing, grid_rotation = HEAD_CASES[case]
     matrix = rigid_scale_matrix(rotation, translation, scale, brain_center(template))
-    return synthetic_head(template, matrix, spacing=kw.pop("spacing", spacing), grid_rotation_deg=grid_rotation, **kw)
+    return synthetic_head(template, matrix, spacing=kw.pop("spacing", spacing), grid_rotation_deg=grid_rotation,
+                          **{**HEAD_OPTIONS.get(case, {}), **kw})
 
 
 def save_head(path: Path, head) -> Path:

@@ -54,8 +54,11 @@ def rigid_scale_matrix(rotation_deg: Sequence[float] = (0, 0, 0), translation_mm
     return m
 
 
-def head_in_template_space(template: BrainTemplate, pad_mm: float = 14.0) -> tuple[np.ndarray, np.ndarray]:
-    """The template brain plus skull and scalp shells on the template grid padded by ``pad_mm``.
+def head_in_template_space(template: BrainTemplate, pad_mm: float = 14.0, neck_mm: float = 0.0
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """The template brain plus skull and scalp shells on the template grid padded by ``pad_mm``; with ``neck_mm``
+    > 0 also a soft-tissue neck (an elliptic cylinder with a fatty rim) reaching that far below the brain, which
+    pulls the head's centre of mass away from the brain's, as real scans do.
 
     Returns:
         ``(image float32, affine)`` of the padded grid.
@@ -64,14 +67,25 @@ def head_in_template_space(template: BrainTemplate, pad_mm: float = 14.0) -> tup
 
     spacing = np.linalg.norm(template.affine[:3, :3], axis=0)
     pad = np.ceil(pad_mm / spacing).astype(int)
-    image = np.pad(template.image * BRAIN_SCALE, [(p, p) for p in pad])
-    mask = np.pad(template.mask, [(p, p) for p in pad])
+    below = np.ceil(max(neck_mm, pad_mm) / spacing[2]).astype(int)
+    widths = [(p, p) for p in pad[:2]] + [(below, pad[2])]
+    image = np.pad(template.image * BRAIN_SCALE, widths)
+    mask = np.pad(template.mask, widths)
     affine = template.affine.copy()
-    affine[:3, 3] -= affine[:3, :3] @ pad
+    affine[:3, 3] -= affine[:3, :3] @ np.array([pad[0], pad[1], below])
     outside = distance_transform_edt(~mask, sampling=spacing)
     image = np.where(mask, image, 0.0)
     image[(outside > 0) & (outside <= SKULL_MM)] = SKULL_VALUE
     image[(outside > SKULL_MM) & (outside <= SKULL_MM + SCALP_MM)] = SCALP_VALUE
+    if neck_mm > 0:  # in voxel units of the (axis-aligned) template grid
+        idx = np.array(np.nonzero(mask))
+        centre, half = idx.mean(1), (idx.max(1) - idx.min(1)) / 2.0
+        i, j = np.ogrid[: image.shape[0], : image.shape[1]]
+        r2 = ((i - centre[0]) / (0.35 * half[0])) ** 2 + ((j - centre[1] + 0.2 * half[1]) / (0.35 * half[1])) ** 2
+        top = int(centre[2] - 0.4 * half[2])
+        neck = np.where(r2 <= 0.8, 300.0, np.where(r2 <= 1.0, SCALP_VALUE, 0.0))[..., None]
+        region = image[:, :, :top]
+        image[:, :, :top] = np.where(region == 0, neck, region)
     return image.astype(np.float32), affine
 
 
@@ -91,16 +105,17 @@ def oblique_grid(spacing: Sequence[float], rotation_deg: Sequence[float], bounds
 
 def synthetic_head(template: BrainTemplate, template_to_head: np.ndarray, *, spacing: Sequence[float] = (1.2, 1.0, 1.4),
                    grid_rotation_deg: Sequence[float] = (0.0, 0.0, 0.0), bias: float = 0.2, noise: float = 0.01,
-                   as_uint8: bool = False, seed: int = 0) -> SyntheticHead:
+                   as_uint8: bool = False, neck_mm: float = 0.0, seed: int = 0) -> SyntheticHead:
     """A head scan made from ``template`` moved by ``template_to_head`` onto an oblique ``spacing`` grid.
 
     Args:
         bias: amplitude of a smooth multiplicative bias field (0 = none); ``noise``: Gaussian noise, as a
             fraction of :data:`BRAIN_SCALE`.
         as_uint8: store as uint8 (0..255), as many MR exports do.
+        neck_mm: add a neck reaching this far below the brain (see :func:`head_in_template_space`).
     """
     itk = sitk()
-    head, head_affine = head_in_template_space(template)
+    head, head_affine = head_in_template_space(template, neck_mm=neck_mm)
     corners = np.array([[i, j, k, 1.0] for i in (0, head.shape[0] - 1) for j in (0, head.shape[1] - 1)
                         for k in (0, head.shape[2] - 1)])
     moved = (template_to_head @ (head_affine @ corners.T)).T[:, :3]
