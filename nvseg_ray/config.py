@@ -170,12 +170,14 @@ class InferenceConfig(BaseModel):
         """Whether a volume of ``modality`` (default: the configured one) runs the brain T1 workflow."""
         return (modality or self.modality) == "MRI_BRAIN" and self.brain.preprocess == "full"
 
-    def resume_key_fields(self) -> dict[str, Any]:
-        """The settings that change the mask; hashed into batch-job output keys."""
-        return self.model_dump(
-            include={"modality", "classes", "points", "point_labels", "expand_subclasses", "spacing", "crop_margin",
-                     "percentiles", "patch_size", "overlap", "output_dtype", "label_catalog", "brain"}
-        )
+    def resume_key_fields(self, modality: str | None = None) -> dict[str, Any]:
+        """The settings that change the mask of a volume of ``modality`` (default: the configured one); hashed
+        into batch-job output keys. The brain settings count only for MRI_BRAIN volumes."""
+        fields = {"modality", "classes", "points", "point_labels", "expand_subclasses", "spacing", "crop_margin",
+                  "percentiles", "patch_size", "overlap", "output_dtype", "label_catalog"}
+        if (modality or self.modality) == "MRI_BRAIN":
+            fields.add("brain")
+        return self.model_dump(include=fields)
 
 
 def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -190,3 +190,10 @@ def test_batch_job_segments_a_brain_cohort_with_one_broken_scan(template, templa
         mask = nib.load(row["output_uri"])
         assert mask.shape == head.array.shape and mask.get_data_dtype() == np.uint16
         np.testing.assert_allclose(mask.affine, head.affine, atol=1e-5)
+
+
+def test_brain_settings_key_only_brain_outputs():
+    """Batch resume keys: brain settings change MRI_BRAIN outputs' keys, never those of CT or body MRI."""
+    base, other = InferenceConfig(), InferenceConfig(brain={"skull_strip": "none"})
+    assert base.resume_key_fields("CT_BODY") == other.resume_key_fields("CT_BODY")
+    assert base.resume_key_fields("MRI_BRAIN") != other.resume_key_fields("MRI_BRAIN")

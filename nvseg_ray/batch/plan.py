@@ -70,7 +70,8 @@ def plan_rows(items: Sequence[WorkItem], output: str, cfg: InferenceConfig, cata
         row["class_ids"] = list(prompts.class_ids)
         row["modality"] = prompts.modality or ""
         row["requested"] = json.dumps(prompts.requested)
-        settings = cfg.resume_key_fields() | {"modality": prompts.modality, "classes": list(prompts.class_ids)}
+        settings = cfg.resume_key_fields(prompts.modality) | {"modality": prompts.modality,
+                                                              "classes": list(prompts.class_ids)}
         row["resume_key"] = resume_key(item.uri, settings, model_identity)
         if row["output_uri"] in seen:
             rows.append(_fail(row, CODE_DUPLICATE_OUTPUT,
