@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,43 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, width: int = TINY_WIDTH) ->
 
     torch.manual_seed(seed)
     torch.save(vista3d132(encoder_embed_dim=width, in_channels=1).state_dict(), path)
+    return path
+
+
+def floats_arg(text: str) -> tuple[float, ...]:
+    """argparse type: ``"0.78,0.78,1.25"`` -> ``(0.78, 0.78, 1.25)``."""
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def ints_arg(text: str) -> tuple[int, ...]:
+    """argparse type: ``"192,192,128"`` -> ``(192, 192, 128)``."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def classes_arg(text: str) -> list[int | str]:
+    """argparse type: ``"liver,spleen,3"`` -> ``["liver", "spleen", 3]``."""
+    return [int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip()]
+
+
+def save_like_a_converter(path: Path, array: Any, spacing: Sequence[float]) -> Path:
+    """Save a generated CT as DICOM converters do: LPS-flipped axes centred on the volume, qform = sform (code 1)."""
+    import nibabel as nib
+    import numpy as np
+
+    shape = array.shape
+    sx, sy, sz = (float(s) for s in spacing)
+    affine = np.diag([-sx, -sy, sz, 1.0])
+    affine[:3, 3] = [(shape[0] - 1) / 2 * sx, (shape[1] - 1) / 2 * sy, -(shape[2] - 1) / 2 * sz]
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    nib.save(img, str(path))
     return path
 
 

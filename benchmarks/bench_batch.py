@@ -52,9 +52,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_batch.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._common import log, work_folder, write_report, write_tiny_checkpoint  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    classes_arg, floats_arg, ints_arg, log, save_like_a_converter, work_folder, write_report, write_tiny_checkpoint,
+)
 
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -113,22 +114,7 @@ run takes ~4-6 minutes on 2 cores.
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def _classes(text: str) -> list[int | str]:
-    return [int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip()]
 
 
 def synthetic_ct(shape: Sequence[int], spacing: Sequence[float], seed: int) -> np.ndarray:
@@ -162,15 +148,8 @@ def synthetic_ct(shape: Sequence[int], spacing: Sequence[float], seed: int) -> n
 
 
 def write_volume(path: Path, shape: Sequence[int], spacing: Sequence[float], seed: int) -> Path:
-    """Save :func:`synthetic_ct` with LPS-flipped axes and qform = sform (code 1), as DICOM converters do."""
-    sx, sy, sz = (float(s) for s in spacing)
-    affine = np.diag([-sx, -sy, sz, 1.0])
-    affine[:3, 3] = [(shape[0] - 1) / 2 * sx, (shape[1] - 1) / 2 * sy, -(shape[2] - 1) / 2 * sz]
-    img = nib.Nifti1Image(synthetic_ct(shape, spacing, seed), affine)
-    img.set_qform(affine, 1)
-    img.set_sform(affine, 1)
-    nib.save(img, str(path))
-    return path
+    """Save :func:`synthetic_ct` as a DICOM converter would (``_common.save_like_a_converter``)."""
+    return save_like_a_converter(path, synthetic_ct(shape, spacing, seed), spacing)
 
 
 def replicate(sources: Sequence[Path], folder: Path, count: int) -> list[Path]:
@@ -687,14 +666,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"volumes for (a) and (b) (default {DEFAULT_N})")
     p.add_argument("--scale", type=int, default=DEFAULT_SCALE,
                    help=f"(c) runs the pipeline on N x scale volumes (default {DEFAULT_SCALE}; 1 skips (c))")
-    p.add_argument("--shape", type=_ints, default=DEFAULT_SHAPE,
+    p.add_argument("--shape", type=ints_arg, default=DEFAULT_SHAPE,
                    help="synthetic CT shape (default %s)" % ",".join(map(str, DEFAULT_SHAPE)))
-    p.add_argument("--spacing", type=_floats, default=DEFAULT_SPACING,
+    p.add_argument("--spacing", type=floats_arg, default=DEFAULT_SPACING,
                    help="synthetic CT voxel size in mm (default %s)" % ",".join(map(str, DEFAULT_SPACING)))
-    p.add_argument("--classes", type=_classes, default=None,
+    p.add_argument("--classes", type=classes_arg, default=None,
                    help=f"comma-separated class ids/names (default {DEFAULT_CLASSES} unless --modality is given)")
     p.add_argument("--modality", help="everything-set to segment instead of --classes (e.g. CT_BODY: 117 classes)")
-    p.add_argument("--patch-size", type=_ints, default=DEFAULT_PATCH,
+    p.add_argument("--patch-size", type=ints_arg, default=DEFAULT_PATCH,
                    help="sliding window (default %s)" % ",".join(map(str, DEFAULT_PATCH)))
     p.add_argument("--checkpoint", help="model.pt to use instead of a generated tiny one (width 8)")
     p.add_argument("--ray-cpus", type=float, default=DEFAULT_RAY_CPUS,
@@ -733,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.n < 2 or args.scale < 1:
         raise SystemExit("--n must be >= 2 (steady state needs two finished volumes) and --scale >= 1")
     if args.classes is None and not args.modality:
-        args.classes = _classes(DEFAULT_CLASSES)
+        args.classes = classes_arg(DEFAULT_CLASSES)
     with work_folder(args.workdir, "nvseg-bench-batch-") as work:
         report = _run(args, work)
     if not args.quiet:

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._common import log, work_folder, write_report, write_tiny_checkpoint  # noqa: E402
+from benchmarks._common import classes_arg, ints_arg, log, work_folder, write_report, write_tiny_checkpoint  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=3, help="number of heads (cycles through 3 geometries)")
     p.add_argument("--checkpoint", help="model weights (default: a tiny generated checkpoint)")
-    p.add_argument("--classes", default="", help="classes instead of the MRI_BRAIN everything-set, e.g. 214,215")
-    p.add_argument("--patch-size", default="192,192,128")
+    p.add_argument("--classes", type=classes_arg, help="classes instead of the MRI_BRAIN everything-set, e.g. 214,215")
+    p.add_argument("--patch-size", type=ints_arg, default=(192, 192, 128))
     p.add_argument("--device", default="cpu")
     p.add_argument("--brain-template", help="template path/URI (default: ICBM152 2009a from nilearn)")
     p.add_argument("--brain-template-mask")
@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = args.checkpoint
         if checkpoint is None:
             checkpoint = str(write_tiny_checkpoint(work / "tiny.pt"))
-        classes = [int(c) if c.isdigit() else c for c in args.classes.split(",") if c] or None
-        cfg = InferenceConfig(checkpoint=checkpoint, modality="MRI_BRAIN", classes=classes, device=args.device,
-                              patch_size=tuple(int(v) for v in args.patch_size.split(",")),
+        cfg = InferenceConfig(checkpoint=checkpoint, modality="MRI_BRAIN", classes=args.classes or None,
+                              device=args.device, patch_size=args.patch_size,
                               brain={"template": args.brain_template, "template_mask": args.brain_template_mask})
         segmenter = Segmenter(cfg)
         for i in range(args.n):

@@ -52,7 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_serve.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._common import log, work_folder, write_report  # noqa: E402
+from benchmarks._common import classes_arg, ints_arg, log, work_folder, write_report, write_tiny_checkpoint  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -81,21 +81,12 @@ initialised checkpoint (width 8) are generated. The script starts its own local 
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
 
 def _levels(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none", "off"):
         return ()
-    return _ints(text)
+    return ints_arg(text)
 
-
-def _classes(text: str) -> list[int | str]:
-    return [int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=1.5, help="synthetic CT voxel size in mm (default 1.5 = model grid)")
     p.add_argument("--input", help="benchmark this .nii/.nii.gz instead of a synthetic CT")
     p.add_argument("--checkpoint", help="model.pt instead of a generated tiny one (width 8)")
-    p.add_argument("--classes", type=_classes, default=["liver", "spleen", 3],
+    p.add_argument("--classes", type=classes_arg, default=["liver", "spleen", 3],
                    help="class prompts (default liver,spleen,3)")
-    p.add_argument("--patch-size", type=_ints, default=(64, 64, 64), help="sliding window (default 64,64,64)")
+    p.add_argument("--patch-size", type=ints_arg, default=(64, 64, 64), help="sliding window (default 64,64,64)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda (both sides)")
     p.add_argument("--requests", type=int, default=24,
                    help="requests per path and concurrency level (at least C; default 24)")
@@ -407,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR0915 - one linear script
     import torch
 
-    from benchmarks.bench_stages import write_phantom, write_tiny_checkpoint
+    from benchmarks.bench_stages import write_phantom
     from nvseg_ray.engine import Segmenter
     from nvseg_ray.serving.service import RequestProcessor, ServeSettings
 

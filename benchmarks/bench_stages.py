@@ -47,7 +47,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_stages.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._common import log, work_folder, write_report, write_tiny_checkpoint  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    classes_arg, floats_arg, ints_arg, log, save_like_a_converter, work_folder, write_report, write_tiny_checkpoint,
+)
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -77,22 +79,7 @@ CPU (a default CT has 6 windows per side): use it only on a GPU (--device cuda).
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def _classes(text: str) -> list[int | str]:
-    return [int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip()]
 
 
 def ct_phantom(shape: Sequence[int], spacing: Sequence[float], seed: int = 0) -> np.ndarray:
@@ -150,15 +137,8 @@ def ct_phantom(shape: Sequence[int], spacing: Sequence[float], seed: int = 0) ->
 
 
 def write_phantom(path: Path, shape: Sequence[int], spacing: Sequence[float]) -> Path:
-    """Save :func:`ct_phantom` like a DICOM converter would: LPS-flipped axes, qform = sform (code 1)."""
-    sx, sy, sz = spacing
-    affine = np.diag([-sx, -sy, sz, 1.0])
-    affine[:3, 3] = [(shape[0] - 1) / 2 * sx, (shape[1] - 1) / 2 * sy, -(shape[2] - 1) / 2 * sz]
-    img = nib.Nifti1Image(ct_phantom(shape, spacing), affine)
-    img.set_qform(affine, 1)
-    img.set_sform(affine, 1)
-    nib.save(img, str(path))
-    return path
+    """Save :func:`ct_phantom` as a DICOM converter would (``_common.save_like_a_converter``)."""
+    return save_like_a_converter(path, ct_phantom(shape, spacing), spacing)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -512,16 +492,16 @@ def importlib_available(name: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_stages.py", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", type=_ints, default=(512, 512, 300), help="synthetic CT shape (default 512,512,300)")
-    p.add_argument("--spacing", type=_floats, default=(0.78, 0.78, 1.25),
+    p.add_argument("--shape", type=ints_arg, default=(512, 512, 300), help="synthetic CT shape (default 512,512,300)")
+    p.add_argument("--spacing", type=floats_arg, default=(0.78, 0.78, 1.25),
                    help="synthetic CT voxel size in mm (default 0.78,0.78,1.25)")
     p.add_argument("--input", help="benchmark this .nii/.nii.gz instead of a synthetic CT (--shape/--spacing ignored)")
     p.add_argument("--checkpoint", help="model.pt to use instead of a generated tiny one (width 8). The real "
                    "218M-parameter model needs ~70 s per 192x192x128 window on a 2-core CPU: use it on a GPU only")
     p.add_argument("--modality", default="CT_BODY", help="everything-set to segment (default CT_BODY: 117 classes)")
-    p.add_argument("--classes", type=_classes, help="comma-separated class ids/names instead of the modality's "
+    p.add_argument("--classes", type=classes_arg, help="comma-separated class ids/names instead of the modality's "
                    "everything-set (fewer classes = smaller upstream logits buffer)")
-    p.add_argument("--patch-size", type=_ints, default=(192, 192, 128), help="sliding window (default 192,192,128)")
+    p.add_argument("--patch-size", type=ints_arg, default=(192, 192, 128), help="sliding window (default 192,192,128)")
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--repeat", type=int, default=1, help="runs per side; best time and worst memory are reported")
