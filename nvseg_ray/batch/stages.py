@@ -23,7 +23,7 @@ from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses,
 from ..errors import NvsegError
 from ..io import encode_nifti, write_bytes_atomic, write_json
 from ..output import build_report, mask_image, report_uri
-from .rows import BRAIN_TIMING_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
+from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
 
 CODE_INTERNAL = "internal_error"
 CODE_MODEL_CRASHED = "model_worker_crashed"
@@ -75,13 +75,14 @@ def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
     except Exception as exc:
         return _failure(row, exc, "preprocess")
     finally:
-        row["t_read"] = timings.get("read", 0.0)
-        row["t_preprocess"] = timings.get("preprocess", 0.0)
-        _brain_timings(row, timings)
+        _record_timings(row, timings, "read", "preprocess")
     return row
 
 
-def _brain_timings(row: dict[str, Any], timings: dict[str, float]) -> None:
+def _record_timings(row: dict[str, Any], timings: dict[str, float], *stages: str) -> None:
+    """``row["t_<stage>"]`` for ``stages`` (0 when absent) and for the brain steps that ran."""
+    for stage in stages:
+        row[f"t_{stage}"] = timings.get(stage, 0.0)
     for column in BRAIN_TIMING_COLUMNS:
         if column[2:] in timings:  # "t_brain_register" <- timings["brain_register"]
             row[column] = timings[column[2:]]
@@ -157,9 +158,7 @@ def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]
     except Exception as exc:
         return _failure(row, exc, "postprocess")
     finally:
-        row["t_postprocess"] = timings.get("postprocess", 0.0)
-        row["t_write"] = timings.get("write", 0.0)
-        _brain_timings(row, timings)
-        for name in ("model_input", "inversion", "volume", "labels"):
+        _record_timings(row, timings, "postprocess", "write")
+        for name in PAYLOAD_COLUMNS:
             row[name] = b""
     return row

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .images import ras_matrix, sitk, sitk_affine_transform, to_sitk
+from .images import from_sitk, ras_matrix, sitk, sitk_affine_transform, to_sitk
 from .template import BrainTemplate
 
 #: multi-resolution schedule: voxel size (mm) of the template at each level (the template is shrunk to it) and
@@ -65,12 +65,10 @@ def register_affine(moving: np.ndarray, moving_affine: np.ndarray, template: Bra
         initial: a starting ``template_to_input`` matrix; default: the centres of mass aligned (ITK MOMENTS).
         levels_mm: template voxel size per resolution level (coarse to fine).
     """
-    from scipy.ndimage import distance_transform_edt
-
     itk = sitk()
     spacing = np.linalg.norm(template.affine[:3, :3], axis=0)
     fixed = to_sitk(template.image, template.affine)
-    grown = distance_transform_edt(~template.mask, sampling=spacing) <= FIXED_MASK_MARGIN_MM
+    grown = metric_mask(template)
     moving_image = to_sitk(moving, moving_affine)
     # the finest level samples the template at levels_mm[-1]: average the input down to about that voxel size
     # first (a 0.5 mm head would otherwise be smoothed and interpolated at full size at every level)
@@ -105,6 +103,21 @@ def register_affine(moving: np.ndarray, moving_affine: np.ndarray, template: Bra
                               stop=method.GetOptimizerStopConditionDescription())
 
 
+_METRIC_MASKS: dict[str, np.ndarray] = {}
+
+
+def metric_mask(template: BrainTemplate) -> np.ndarray:
+    """The template brain mask grown by :data:`FIXED_MASK_MARGIN_MM` (computed once per template and process:
+    every registration of every scan uses it, and the distance transform takes ~1 s at 1 mm)."""
+    if template.sha256 not in _METRIC_MASKS:
+        from scipy.ndimage import distance_transform_edt
+
+        spacing = np.linalg.norm(template.affine[:3, :3], axis=0)
+        _METRIC_MASKS[template.sha256] = distance_transform_edt(~template.mask, sampling=spacing) \
+            <= FIXED_MASK_MARGIN_MM
+    return _METRIC_MASKS[template.sha256]
+
+
 def warp_to_template(array: np.ndarray, affine: np.ndarray, template: BrainTemplate, template_to_input: np.ndarray,
                      *, nearest: bool = False) -> np.ndarray:
     """Resample an input-grid image onto the template grid (linear, or nearest for masks); 0 outside the input.
@@ -112,8 +125,6 @@ def warp_to_template(array: np.ndarray, affine: np.ndarray, template: BrainTempl
     Returns:
         (template X, Y, Z) float32 (nearest: the input's values, cast to float32).
     """
-    from .images import from_sitk
-
     itk = sitk()
     reference = to_sitk(np.zeros(template.shape, np.uint8), template.affine, np.uint8)
     image = to_sitk(array, affine)

@@ -29,7 +29,7 @@ class BrainTemplate:
         mask: (X, Y, Z) bool brain mask on the same grid.
         affine: 4 x 4 voxel -> RAS world mm.
         name: where it came from (path/URI, or :data:`DEFAULT_TEMPLATE_NAME`).
-        sha256: digest of the voxels and affine (recorded next to every output).
+        sha256: digest of the voxels, the mask and the affine (recorded next to every output).
     """
 
     image: np.ndarray
@@ -47,8 +47,9 @@ class BrainTemplate:
         return float(self.mask.sum() * abs(np.linalg.det(self.affine[:3, :3])) / 1000.0)
 
 
-def _digest(image: np.ndarray, affine: np.ndarray) -> str:
+def _digest(image: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> str:
     h = hashlib.sha256(np.ascontiguousarray(image, np.float32).tobytes())
+    h.update(np.packbits(mask.astype(bool)).tobytes())
     h.update(np.asarray(affine, np.float64).tobytes())
     return h.hexdigest()
 
@@ -61,7 +62,7 @@ def _make(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, name: str) ->
     if not mask.any():
         raise InputError(f"brain template {name}: the brain mask is empty", code="brain_template_invalid")
     return BrainTemplate(image=image, mask=mask.astype(bool), affine=np.asarray(affine, float), name=name,
-                         sha256=_digest(image, affine))
+                         sha256=_digest(image, mask, affine))
 
 
 @lru_cache(maxsize=4)

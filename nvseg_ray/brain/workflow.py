@@ -17,9 +17,10 @@ import nibabel as nib
 import numpy as np
 
 from ..config import BrainConfig
+from ..engine import timed
 from ..errors import InputError
 from .intensity import check_t1_like, n4_bias_correct, normalize_wm_peak
-from .registration import register_affine, warp_to_template, normalized_correlation
+from .registration import normalized_correlation, register_affine, warp_to_template
 from .revert import template_to_input_grid
 from .skullstrip import atlas_mask, command_mask
 from .template import BrainTemplate, load_template
@@ -66,12 +67,6 @@ def _template(cfg: BrainConfig, storage_options: dict[str, Any]) -> BrainTemplat
     return load_template(cfg.template, cfg.template_mask, json.dumps(storage_options, sort_keys=True, default=str))
 
 
-def _timed(timings: dict[str, float], name: str):
-    from ..engine import timed
-
-    return timed(timings, name)
-
-
 def prepare_brain(array: np.ndarray, affine: np.ndarray, image: nib.Nifti1Image, cfg: BrainConfig, *, uri: str,
                   storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, BrainRecord]:
     """Skull strip, N4, WM-peak normalise and register one T1 head; resample it onto the template grid.
@@ -93,7 +88,7 @@ def prepare_brain(array: np.ndarray, affine: np.ndarray, image: nib.Nifti1Image,
     check_t1_like(array, uri=uri)
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     initial = None
-    with _timed(timings, "skullstrip"):
+    with timed(timings, "skullstrip"):
         if cfg.skull_strip == "atlas":
             head = register_affine(array, affine, template)
             initial = head.template_to_input
@@ -112,14 +107,14 @@ def prepare_brain(array: np.ndarray, affine: np.ndarray, image: nib.Nifti1Image,
                          "--skull-strip command with mri_synthstrip; the range is brain.min_brain_ml/max_brain_ml")
     brain = np.where(mask, array, 0.0).astype(np.float32)
     if cfg.bias_correction:
-        with _timed(timings, "bias_correct"):
+        with timed(timings, "bias_correct"):
             brain = n4_bias_correct(brain, affine, mask)
-    with _timed(timings, "normalize"):
+    with timed(timings, "normalize"):
         brain, wm_peak = normalize_wm_peak(brain, mask, uri=uri)
-    with _timed(timings, "register"):
+    with timed(timings, "register"):
         reg = register_affine(brain, affine, template, initial=initial,
                               **({"levels_mm": REFINE_LEVELS_MM} if initial is not None else {}))
-    with _timed(timings, "resample"):
+    with timed(timings, "resample"):
         warped = warp_to_template(brain, affine, template, reg.template_to_input)
     correlation = normalized_correlation(warped, template.image, template.mask)
     if not np.isfinite(reg.metric) or correlation < cfg.min_correlation:
@@ -134,10 +129,6 @@ def prepare_brain(array: np.ndarray, affine: np.ndarray, image: nib.Nifti1Image,
         template_sha256=template.sha256, metric=round(reg.metric, 5), correlation=round(correlation, 5),
         brain_ml=round(brain_ml, 1), wm_peak=round(wm_peak, 3), skull_strip=cfg.skull_strip, timings=timings)
     return warped, record
-
-
-def template_grid_affine(record: BrainRecord) -> np.ndarray:
-    return np.asarray(record.template_affine, float)
 
 
 def revert_to_input(labels: np.ndarray, record: BrainRecord) -> np.ndarray:
