@@ -180,3 +180,19 @@ def runnable_commands(text: str) -> list[str]:
 def readme_section(text: str, prefix: str) -> str:
     """The body of the first section whose heading starts with ``prefix``."""
     return next(body for head, body in markdown_sections(text).items() if head.startswith(prefix))
+
+
+def stop_process_group(proc, timeout_s: float = 10.0) -> None:
+    """SIGTERM a subprocess started with ``start_new_session=True`` (e.g. ``ray start --block``) and its
+    children; SIGKILL them if they are still there after ``timeout_s``."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

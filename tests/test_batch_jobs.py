@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from .helpers import stop_process_group
 from .model_helpers import TEST_PATCH, body_phantom, save_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,12 +121,7 @@ def ray_head():
                 time.sleep(1)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+        stop_process_group(head)
         import shutil
 
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from .helpers import stop_process_group
 from .model_helpers import TEST_PATCH, body_phantom, save_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,15 +134,8 @@ def cluster(tmp_path_factory):
         c.add_worker("cpu", CPU_RESOURCE)
         yield c
     finally:
-        for proc in reversed(list(c.procs.values())):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in c.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        for proc in reversed(list(c.procs.values())):  # workers first, then the head
+            stop_process_group(proc, timeout_s=20)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
