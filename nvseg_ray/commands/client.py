@@ -94,6 +94,16 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _emit(result: bytes | dict, args: argparse.Namespace, stem: str) -> None:
+    """A mask (bytes) or a JSON answer: to ``--out`` when given, JSON otherwise printed."""
+    if isinstance(result, bytes):
+        _write(result, args.out, stem, args.format)
+    elif args.out:
+        _write((json.dumps(result, indent=2) + "\n").encode("utf-8"), args.out, "", "json")
+    else:
+        _print_json(result)
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
@@ -142,23 +152,13 @@ def run(args: argparse.Namespace) -> int:
             classes, points = _nim_prompts(args)
             result = client.infer(args.image, classes=classes, points=points, modality=args.modality,
                                   output=args.format, point_labels=args.point_labels)
-            if isinstance(result, bytes):
-                _write(result, args.out, uri_stem(args.image), args.format)
-            elif args.out:
-                _write((json.dumps(result, indent=2) + "\n").encode("utf-8"), args.out, "", "json")
-            else:
-                _print_json(result)
+            _emit(result, args, uri_stem(args.image))
             return 0
         if action == "segment":
             result = client.segment_file(args.file, modality=args.modality, classes=args.classes,
                                          points=args.points, point_labels=args.point_labels, output=args.format,
                                          output_uri=args.output_uri)
-            if isinstance(result, bytes):
-                _write(result, args.out, uri_stem(args.file), args.format)
-            elif args.out:
-                _write((json.dumps(result, indent=2) + "\n").encode("utf-8"), args.out, "", "json")
-            else:
-                _print_json(result)
+            _emit(result, args, uri_stem(args.file))
             return 0
         if action == "submit":
             classes, points = _nim_prompts(args)
