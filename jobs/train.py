@@ -50,41 +50,60 @@ def _triplet(kind: type) -> Callable[[str], tuple]:
     return parse
 
 
-#: flag dest -> (type, help); every dest is a TrainConfig field.
+#: flag dest -> (type, help); every dest is a TrainConfig field. The help's "(default ...)" comes from the
+#: field (:func:`_with_default`), so TrainConfig stays the one source of each default.
 _FLAGS: dict[str, tuple[object, str]] = {
     "datalist": (str, "data list JSON (path or URI) with training items {image, label, fold}"),
     "root": (str, "folder/prefix relative data-list paths are joined to (default: the data list's)"),
-    "fold": (int, "validation fold (default 0)"),
-    "label_mapping": (str, "JSON [[local, global], ...] (default [[1, 3]])"),
+    "fold": (int, "validation fold"),
+    "label_mapping": (str, "JSON [[local, global], ...]"),
     "checkpoint": (str, "pretrained model.pt to start from"),
     "epochs": (int, "total epochs (a resume continues up to this number)"),
-    "learning_rate": (float, "AdamW learning rate (default 5e-5)"),
-    "weight_decay": (float, "AdamW weight decay (default 0.01)"),
-    "lr_schedule": (_bool, "WarmupCosineSchedule per epoch (default false)"),
-    "batch_size": (int, "patches per step and worker (default 1)"),
-    "num_patches_per_image": (int, "patches sampled per volume (default 1)"),
-    "max_point": (int, "max positive/negative points per prompt (default 5)"),
-    "drop_label_prob": (float, "probability of training a point-only prompt (default 0.25)"),
-    "drop_point_prob": (float, "probability of training a class-only prompt (default 0.25)"),
+    "learning_rate": (float, "AdamW learning rate"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "lr_schedule": (_bool, "WarmupCosineSchedule per epoch"),
+    "batch_size": (int, "patches per step and worker"),
+    "num_patches_per_image": (int, "patches sampled per volume"),
+    "max_point": (int, "max positive/negative points per prompt"),
+    "drop_label_prob": (float, "probability of training a point-only prompt"),
+    "drop_point_prob": (float, "probability of training a class-only prompt"),
     "patch_size": (_triplet(int), "training/validation patch, e.g. 128,128,128"),
-    "spacing": (_triplet(float), "resampling spacing in mm (default 1.5)"),
-    "amp": (_bool, "fp16 autocast on CUDA (default true)"),
-    "val_interval": (int, "validate every N epochs (default 1)"),
-    "cache_rate": (float, "share of preprocessed volumes cached per worker (default 1.0)"),
+    "spacing": (_triplet(float), "resampling spacing in mm"),
+    "amp": (_bool, "fp16 autocast on CUDA"),
+    "val_interval": (int, "validate every N epochs"),
+    "cache_rate": (float, "share of preprocessed volumes cached per worker"),
     "seed": (int, "random seed (per rank: seed + rank)"),
-    "num_workers": (int, "Ray Train workers / DDP ranks (default 2)"),
-    "loader_workers": (int, "DataLoader processes per worker (default 2)"),
+    "num_workers": (int, "Ray Train workers / DDP ranks"),
+    "loader_workers": (int, "DataLoader processes per worker"),
     "use_gpu": (_bool, "one GPU per worker (default: when the cluster has GPUs)"),
     "device": (str, "'auto' or 'cpu'"),
-    "cpus_per_worker": (float, "CPUs reserved per worker (default 1)"),
-    "storage_path": (str, "local folder or s3:// URI for checkpoints (default runs/train)"),
+    "cpus_per_worker": (float, "CPUs reserved per worker"),
+    "storage_path": (str, "local folder or s3:// URI for checkpoints"),
     "run_name": (str, "run name; re-run with the same name to resume (default: a timestamp)"),
-    "max_failures": (int, "automatic restarts from the last checkpoint (default 1; -1 unlimited)"),
-    "mlflow_tracking_uri": (str, "MLflow server URL or local folder (default mlruns/); '' disables"),
-    "experiment_name": (str, "MLflow experiment (default nvseg-finetune)"),
+    "max_failures": (int, "automatic restarts from the last checkpoint (-1 unlimited)"),
+    "mlflow_tracking_uri": (str, "MLflow server URL or local folder; '' disables"),
+    "experiment_name": (str, "MLflow experiment"),
     "output": (str, "final model.pt path/URI (+ .labels.json sidecar)"),
     "ray_address": (str, "Ray cluster address (default: RAY_ADDRESS or a local Ray)"),
 }
+
+
+def _with_default(dest: str, text: str) -> str:
+    """``text`` + ``(default X)`` from the TrainConfig field (none for required fields, ``None`` defaults and
+    texts that already explain their default)."""
+    info = TrainConfig.model_fields[dest]
+    if info.is_required() or info.default is None or "(default" in text:
+        return text
+    value = info.default
+    if isinstance(value, bool):
+        shown = str(value).lower()
+    elif isinstance(value, tuple) and value and all(isinstance(v, tuple) for v in value):
+        shown = json.dumps([list(v) for v in value])
+    elif isinstance(value, tuple):
+        shown = ",".join(map(str, value))
+    else:
+        shown = str(value)
+    return f"{text} (default {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML with TrainConfig fields (flags override)")
     for dest, (kind, text) in _FLAGS.items():
-        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=_with_default(dest, text))
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL for all workers)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
     return p
@@ -109,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     def run() -> int:
-        from nvseg_ray.training.loop import run_training
+        from nvseg_ray.training.run import run_training
 
         result = run_training(config_from_args(args))
         print(json.dumps({"run_name": result.run_name, "output": result.output, "metrics": result.metrics,

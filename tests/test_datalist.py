@@ -75,10 +75,15 @@ def test_load_relative_absolute_channels_and_folds(tmp_path: Path) -> None:
     assert [i.case_id for i in val] == ["b_t1"] and [i.case_id for i in train] == ["a", "c"]
 
 
+#: upstream's data list of MSD Task09 (spleen), in the shared/ folder beside the repository.
+UPSTREAM_SPLEEN_LIST = (Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "upstream-data"
+                        / "msd_task09_spleen_folds.json")
+
+
+@pytest.mark.skipif(not UPSTREAM_SPLEEN_LIST.is_file(),
+                    reason=f"upstream data list not found at {UPSTREAM_SPLEEN_LIST} (../shared is not checked out)")
 def test_upstream_spleen_list() -> None:
-    path = Path("/work/shared/reference/upstream-data/msd_task09_spleen_folds.json")
-    if not path.exists():
-        pytest.skip("upstream reference data not present")
+    path = UPSTREAM_SPLEEN_LIST
     data = load_datalist(str(path), root="/data/Task09_Spleen")
     assert len(data.training) == 41 and len(data.testing) == 20
     sizes = [len(split_folds(data.training, k)[1]) for k in range(5)]

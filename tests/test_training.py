@@ -100,7 +100,7 @@ def test_shipped_yaml_validates_and_flags_override():
 
 
 def test_transforms_relabel_and_patch(tmp_path, tiny_checkpoint):
-    from nvseg_ray.training.loop import prepare_run
+    from nvseg_ray.training.run import prepare_run
     from nvseg_ray.training.transforms import build_train_transforms, build_val_transforms
 
     cfg = tiny_cfg(tmp_path, make_dataset(tmp_path / "data"), tiny_checkpoint, num_patches_per_image=2,
@@ -118,7 +118,7 @@ def test_transforms_relabel_and_patch(tmp_path, tiny_checkpoint):
 
 
 def test_datalist_errors_reported_before_training(tmp_path, tiny_checkpoint, monkeypatch):
-    from nvseg_ray.training import loop
+    from nvseg_ray.training import run
     from nvseg_ray.training.datalist import DataListError
 
     def no_ray(*a, **k):  # training must not start
@@ -127,9 +127,96 @@ def test_datalist_errors_reported_before_training(tmp_path, tiny_checkpoint, mon
     monkeypatch.setattr("ray.init", no_ray)
     cfg = tiny_cfg(tmp_path, make_dataset(tmp_path / "data", bad=True), tiny_checkpoint)
     with pytest.raises(DataListError) as info:
-        loop.run_training(cfg)
+        run.run_training(cfg)
     text = str(info.value)
     assert "img2" in text and "7" in text  # both problems, at once
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checkpoint files: the typed train state, loaded with the restricted unpickler (no Ray)
+# ------------------------------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this would run ``touch <marker>``: what a writer of a shared checkpoint bucket could plant."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _worker_ctx(cfg: TrainConfig):
+    from nvseg_ray.training.worker import WorkerContext
+
+    return WorkerContext(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), use_amp=False)
+
+
+def test_train_state_round_trip_restores_optimiser(tmp_path):
+    """The optimiser/scheduler/scaler state written after an epoch loads with ``weights_only=True`` and
+    restores them exactly; the warmup schedule takes its numbers from the config's defaults."""
+    from nvseg_ray.training.checkpoint import STATE_FILE, TrainState, load_train_state, save_train_state
+    from nvseg_ray.training.worker import setup_optimizer
+
+    cfg = TrainConfig(datalist="d.json", checkpoint="m.pt", lr_schedule=True, epochs=5, learning_rate=1e-3)
+    net = torch.nn.Conv3d(1, 2, 3)
+    opt = setup_optimizer(_worker_ctx(cfg), net, TrainState())
+    assert opt.scheduler.warmup_steps == tc.DEFAULT_WARMUP_EPOCHS
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(tc.DEFAULT_WARMUP_MULTIPLIER * 1e-3)
+    net(torch.randn(1, 1, 5, 5, 5)).sum().backward()
+    opt.optimizer.step()
+    opt.scheduler.step()
+    state = TrainState()
+    state.record(0, {"epoch": 0.0, "train_loss": 1.0, "val_mean_dice": 0.4})
+    state.record(1, {"epoch": 1.0, "train_loss": 0.5, "val_mean_dice": float("nan")})
+    assert (state.epoch, state.next_epoch, state.best_metric, state.best_epoch) == (1, 2, 0.4, 0)
+    opt.snapshot(state)
+    save_train_state(state, tmp_path / STATE_FILE)
+    raw = torch.load(tmp_path / STATE_FILE, map_location="cpu", weights_only=True)  # the on-disk format
+    assert {"epoch", "optimizer", "scheduler", "scaler", "best_metric", "best_epoch", "history", "config"} <= set(raw)
+
+    loaded = load_train_state(tmp_path / STATE_FILE)
+    assert loaded.history[0] == state.history[0] and loaded.best_metric == 0.4 and loaded.next_epoch == 2
+    fresh = setup_optimizer(_worker_ctx(cfg), torch.nn.Conv3d(1, 2, 3), loaded)
+    assert fresh.scheduler.last_epoch == 1
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(opt.optimizer.param_groups[0]["lr"])
+    moments = [s["exp_avg"] for s in fresh.optimizer.state.values()]
+    assert moments and all(torch.equal(a, b["exp_avg"]) for a, b in zip(moments, opt.optimizer.state.values()))
+
+
+def test_malicious_train_state_is_refused_without_running_it(tmp_path, tiny_checkpoint):
+    """A ``train_state.pt`` holding a pickled object whose ``__reduce__`` runs a command: the resume path of a
+    worker (and the driver's read of the final state) refuses it with a CheckpointError, and nothing runs."""
+    import ray.train
+
+    from nvseg_ray.errors import CheckpointError
+    from nvseg_ray.training.checkpoint import MODEL_FILE, STATE_FILE, load_train_state
+    from nvseg_ray.training.worker import setup_model
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "checkpoint_000000"
+    folder.mkdir()
+    (folder / MODEL_FILE).write_bytes(Path(tiny_checkpoint).read_bytes())
+    torch.save({"epoch": 0, "optimizer": _RunsCode(marker), "best_metric": 0.0, "best_epoch": 0}, folder / STATE_FILE)
+
+    with pytest.raises(CheckpointError, match="refusing to load training state") as info:
+        load_train_state(folder / STATE_FILE)
+    assert info.value.code == "invalid_checkpoint" and info.value.hint
+    cfg = TrainConfig(datalist="d.json", checkpoint=tiny_checkpoint)
+    with pytest.raises(CheckpointError):
+        setup_model(_worker_ctx(cfg), ray.train.Checkpoint.from_directory(str(folder)))
+    assert not marker.exists(), "the pickled command ran"
+
+    # the payload is real: the full unpickler that was used before runs it
+    torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    assert marker.exists()
+
+    torch.save([1, 2, 3], folder / STATE_FILE)  # plain data, but not a training state
+    with pytest.raises(CheckpointError, match="not a training state"):
+        load_train_state(folder / STATE_FILE)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -137,11 +224,12 @@ def test_datalist_errors_reported_before_training(tmp_path, tiny_checkpoint, mon
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_two_workers_export_and_resume(tmp_path, tiny_checkpoint, ray_cluster):
     from nvseg_ray.config import InferenceConfig
     from nvseg_ray.engine import Segmenter
     from nvseg_ray.model import load_model
-    from nvseg_ray.training.loop import run_training
+    from nvseg_ray.training.run import run_training
 
     datalist = make_dataset(tmp_path / "data")
     cfg = tiny_cfg(tmp_path, datalist, tiny_checkpoint, epochs=3)

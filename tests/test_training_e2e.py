@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nvseg_ray.training.loop import FAULT_INJECTION_ENV
+from nvseg_ray.training.worker import FAULT_INJECTION_ENV
 
 from .helpers import FINETUNE_SECTION, readme_section, runnable_commands
 from .test_training import make_dataset, tiny_cfg
@@ -75,6 +75,7 @@ def mlflow_server(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_resumes_and_mlflow_server_tracks(tmp_path, tiny_checkpoint, ray_cluster,
                                                                mlflow_server, monkeypatch):
     """Rank 1 exits abruptly (``os._exit``) at the start of epoch 1 of its first attempt. With
@@ -82,7 +83,8 @@ def test_worker_killed_mid_run_resumes_and_mlflow_server_tracks(tmp_path, tiny_c
     the history is epochs 0, 1 (no repeated epoch 0) and the one MLflow run holds one point per epoch."""
     from mlflow.tracking import MlflowClient
 
-    from nvseg_ray.training.loop import MLFLOW_RUN_TAG, run_training
+    from nvseg_ray.training.run import run_training
+    from nvseg_ray.training.tracking import MLFLOW_RUN_TAG
 
     datalist = make_dataset(tmp_path / "data")
     cfg = tiny_cfg(tmp_path, datalist, tiny_checkpoint, epochs=2, max_failures=1, run_name="killed",
@@ -127,10 +129,11 @@ def test_worker_killed_mid_run_resumes_and_mlflow_server_tracks(tmp_path, tiny_c
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoints_on_s3_and_resume(tmp_path, tiny_checkpoint, ray_cluster, s3_env, s3_bucket):
     import s3fs
 
-    from nvseg_ray.training.loop import run_training
+    from nvseg_ray.training.run import run_training
 
     datalist = make_dataset(tmp_path / "data")
     storage = f"s3://{s3_bucket}/train"
@@ -206,6 +209,7 @@ def test_doc_lists_the_walkthrough():
     assert "--run-name" in commands[0] and "--run-name" in commands[1]
 
 
+@pytest.mark.slow
 def test_doc_commands_run(tmp_path, tiny_checkpoint):
     work = tmp_path / "work"
     _sandbox(work, tiny_checkpoint)

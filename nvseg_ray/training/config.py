@@ -40,8 +40,10 @@ DEFAULT_VAL_INTERVAL = 1
 DEFAULT_SPACING = 1.5
 DEFAULT_LOSS_SMOOTH_NR = 1e-4  # train_continual override
 DEFAULT_LOSS_SMOOTH_DR = 1e-2  # train_continual override
-DEFAULT_WARMUP_EPOCHS = 3  # WarmupCosineSchedule(warmup_steps=3, warmup_multiplier=0.1), only if lr_schedule
-DEFAULT_WARMUP_MULTIPLIER = 0.1
+#: train.json's ``WarmupCosineSchedule(warmup_steps=3, warmup_multiplier=0.1)``, stepped once per epoch. Used
+#: only with ``lr_schedule`` (train_continual.json trains without a scheduler); the warmup is capped at ``epochs``.
+DEFAULT_WARMUP_EPOCHS = 3
+DEFAULT_WARMUP_MULTIPLIER = 0.1  # the first epoch runs at 0.1 x learning_rate
 DEFAULT_INTENSITY_AUG_PROB = 0.2  # RandScale/RandShift/RandGaussianNoise/RandGaussianSmooth (train_continual)
 
 # --- our own defaults ----------------------------------------------------------------------------------
