@@ -250,7 +250,9 @@ def test_policy_normalises_and_validates() -> None:
 
 
 def test_redact_uri_hides_credentials_and_query() -> None:
-    assert redact_uri("https://user:pw@host:8443/a/b.nii.gz?X-Amz-Signature=abc") == "https://host:8443/a/b.nii.gz?..."
+    """fetch.redact_uri is the shared nvseg_ray.redaction.redact_uri: user-info and signature values masked."""
+    assert redact_uri("https://user:pw@host:8443/a/b.nii.gz?X-Amz-Signature=abc") == \
+        "https://***@host:8443/a/b.nii.gz?X-Amz-Signature=***"
     assert redact_uri("s3://bucket/key.nii.gz") == "s3://bucket/key.nii.gz"
 
 
@@ -426,21 +428,23 @@ def test_redirect_to_private_address_refused(image_host: ThreadingHTTPServer,
 def test_s3_fetch(s3_env: dict[str, Any], s3_bucket: str) -> None:
     uri = f"s3://{s3_bucket}/in/scan.nii.gz"
     write_bytes_atomic(PAYLOAD, uri)
-    assert fetch_image(uri, FetchPolicy()) == PAYLOAD
-    assert fetch_image(uri, FetchPolicy(), storage_options=s3_env) == PAYLOAD
-    assert fetch_image(uri, FetchPolicy(allowed_buckets=("nvseg-test-*", s3_bucket))) == PAYLOAD
+    inside = FetchPolicy(allowed_prefixes=(f"s3://{s3_bucket}/in",))
+    assert fetch_image(uri, inside) == PAYLOAD
+    assert fetch_image(uri, inside, storage_options=s3_env) == PAYLOAD
+    assert fetch_image(uri, FetchPolicy(allowed_prefixes=("s3://nvseg-test-*",))) == PAYLOAD
 
     with pytest.raises(PayloadTooLarge) as info:
-        fetch_image(uri, FetchPolicy(max_bytes=1000))
+        fetch_image(uri, FetchPolicy(allowed_prefixes=(f"s3://{s3_bucket}",), max_bytes=1000))
     assert info.value.details["size"] == len(PAYLOAD)
     with pytest.raises(FetchFailed) as info:
-        fetch_image(f"s3://{s3_bucket}/in/missing.nii.gz", FetchPolicy())
-    assert (info.value.http_status, info.value.details["reason"]) == (422, "not_found")
-    with pytest.raises(FetchRefused) as info:
-        fetch_image(uri, FetchPolicy(allowed_buckets=("other-bucket",)))
-    assert info.value.details["reason"] == "bucket"
+        fetch_image(f"s3://{s3_bucket}/in/missing.nii.gz", inside)
+    assert (info.value.http_status, info.value.details["reason"]) == (422, "unreadable")
+    for policy in (FetchPolicy(), FetchPolicy(allowed_prefixes=("s3://other-bucket", f"s3://{s3_bucket}/i"))):
+        with pytest.raises(FetchRefused) as info:  # no prefix at all (the default), or none that contains it
+            fetch_image(uri, policy)
+        assert info.value.details["reason"] == "prefix"
     with pytest.raises(FetchRefused):
-        fetch_image(uri, FetchPolicy(allowed_schemes=("https",)))
+        fetch_image(uri, FetchPolicy(allowed_schemes=("https",), allowed_prefixes=(f"s3://{s3_bucket}",)))
 
 
 def test_local_files_only_when_allowed(tmp_path: Path) -> None:
@@ -448,11 +452,13 @@ def test_local_files_only_when_allowed(tmp_path: Path) -> None:
     path.write_bytes(PAYLOAD)
     with pytest.raises(FetchRefused):
         fetch_image(str(path), FetchPolicy())
-    allowed = FetchPolicy(allowed_schemes=("file",))
+    with pytest.raises(FetchRefused):  # the scheme alone is not enough: a prefix must contain the file
+        fetch_image(str(path), FetchPolicy(allowed_schemes=("file",)))
+    allowed = FetchPolicy(allowed_schemes=("file",), allowed_prefixes=(str(tmp_path),))
     assert fetch_image(str(path), allowed) == PAYLOAD
     assert fetch_image(path.as_uri(), allowed) == PAYLOAD
     with pytest.raises(PayloadTooLarge):
-        fetch_image(str(path), FetchPolicy(allowed_schemes=("file",), max_bytes=10))
+        fetch_image(str(path), FetchPolicy(allowed_schemes=("file",), allowed_prefixes=(str(tmp_path),), max_bytes=10))
     with pytest.raises(FetchFailed) as info:
         fetch_image(str(tmp_path), allowed)
     assert info.value.http_status == 422

@@ -24,7 +24,13 @@ address checks mean what they say.
 Object-store URIs (``s3://``, ``gs://``, ...) and, when allowed, local files go through
 :func:`nvseg_ray.io.read_bytes`; their size is checked with ``fs.info`` before anything is read. Their
 endpoint and credentials are the operator's (``storage_options`` / AWS environment), so no address check
-applies to them; ``allowed_buckets`` can restrict which buckets a client may name.
+applies to them; instead they must lie within one of ``allowed_prefixes`` (segment-wise, after
+normalisation, see :mod:`nvseg_ray.serving.prefixes`) -- with no prefix listed, no object-store or local
+source is accepted at all. A missing object, a forbidden one and a directory are answered alike (422
+``image_fetch_failed``, ``reason="unreadable"``), so a client cannot probe which keys exist.
+
+URIs in messages and error details are redacted (:func:`nvseg_ray.redaction.redact_uri`: no user-info, no
+signature or token values).
 
 Every failure is a :class:`FetchError` carrying the HTTP status the service should answer with
 (``err.http_status``) next to the usual ``code`` / ``message`` / ``hint``.
@@ -40,7 +46,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -49,6 +55,8 @@ from ..errors import ConfigError, NvsegError, StorageError
 from ..io import REASON_IS_A_DIRECTORY, REASON_NOT_FOUND, REASON_PERMISSION_DENIED, REASON_UNSUPPORTED_SCHEME
 from ..io import _storage_error  # same package: one translation of fsspec/botocore errors
 from ..io import read_bytes, split_uri
+from ..redaction import redact_uri
+from .prefixes import LocationNotAllowed, check_location, parse_prefixes
 
 __all__ = [
     "HTTP_SCHEMES",
@@ -60,6 +68,7 @@ __all__ = [
     "FetchTimeout",
     "PayloadTooLarge",
     "address_problem",
+    "check_source",
     "check_url",
     "fetch_image",
     "host_allowed",
@@ -71,10 +80,10 @@ HTTP_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "nvseg-ray-fetch"
-#: StorageError reasons that are the client's fault (a wrong URI), answered with 422; others are 502.
-_CLIENT_STORAGE_REASONS = frozenset(
-    {REASON_NOT_FOUND, REASON_PERMISSION_DENIED, REASON_IS_A_DIRECTORY, REASON_UNSUPPORTED_SCHEME}
-)
+#: StorageError reasons answered alike (422, reason "unreadable"): telling them apart would reveal which keys exist.
+_UNREADABLE_STORAGE_REASONS = frozenset({REASON_NOT_FOUND, REASON_PERMISSION_DENIED, REASON_IS_A_DIRECTORY})
+#: other StorageError reasons that are the client's fault (a wrong URI), answered with 422; others are 502.
+_CLIENT_STORAGE_REASONS = frozenset({REASON_UNSUPPORTED_SCHEME})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -159,8 +168,9 @@ class FetchPolicy:
             multicast or otherwise non-public addresses (e.g. an in-cluster MinIO over http).
         max_bytes: largest image accepted, in bytes.
         timeout_s: limit, in seconds, for every network operation and for the whole fetch.
-        allowed_buckets: for object-store schemes (``s3://bucket/...``), bucket names allowed (same exact /
-            ``*.suffix`` syntax). Empty = any bucket the service's credentials can read.
+        allowed_prefixes: URI prefixes object-store and local sources must lie within, compared segment
+            by segment (``"s3://scans/ct"``, ``"s3://team-*/in"``, ``"/data/in"``; see
+            :mod:`nvseg_ray.serving.prefixes`). Empty = no object-store or local source at all.
     """
 
     allowed_schemes: tuple[str, ...] = ("http", "https", "s3")
@@ -168,21 +178,21 @@ class FetchPolicy:
     allow_private_networks: bool = False
     max_bytes: int = 1 << 30
     timeout_s: float = 60
-    allowed_buckets: tuple[str, ...] = ()
+    allowed_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         schemes = tuple(
             s.strip().lower().removesuffix("://") for s in _as_tuple(self.allowed_schemes, "allowed_schemes")
         )
         hosts = tuple(_normalise_host(h) for h in _as_tuple(self.allowed_hosts, "allowed_hosts"))
-        buckets = tuple(_normalise_host(b) for b in _as_tuple(self.allowed_buckets, "allowed_buckets"))
+        prefixes = tuple(p.uri for p in parse_prefixes(_as_tuple(self.allowed_prefixes, "allowed_prefixes")))
         if int(self.max_bytes) <= 0:
             raise ConfigError(f"FetchPolicy.max_bytes must be positive, got {self.max_bytes}.")
         if not float(self.timeout_s) > 0:
             raise ConfigError(f"FetchPolicy.timeout_s must be positive, got {self.timeout_s}.")
         object.__setattr__(self, "allowed_schemes", tuple(s for s in schemes if s))
         object.__setattr__(self, "allowed_hosts", tuple(h for h in hosts if h))
-        object.__setattr__(self, "allowed_buckets", tuple(b for b in buckets if b))
+        object.__setattr__(self, "allowed_prefixes", prefixes)
         object.__setattr__(self, "allow_private_networks", bool(self.allow_private_networks))
         object.__setattr__(self, "max_bytes", int(self.max_bytes))
         object.__setattr__(self, "timeout_s", float(self.timeout_s))
@@ -228,19 +238,6 @@ def address_problem(address: str) -> str | None:
     if not ip.is_global:
         return "not publicly routable"
     return None
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` safe for messages and logs: no ``user:password@`` and no query string (presigned URLs)."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<invalid URI>"
-    if parts.scheme.lower() not in HTTP_SCHEMES:
-        return uri
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "..." if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def _scheme(uri: str) -> str:
@@ -496,56 +493,56 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
     )
 
 
-def _from_storage_error(err: StorageError) -> FetchFailed:
+def _from_storage_error(err: StorageError, shown: str) -> FetchFailed:
     reason = err.details.get("reason")
+    if reason in _UNREADABLE_STORAGE_REASONS:  # one answer for all three: no probing for existing keys
+        return FetchFailed(
+            f"The image {shown!r} cannot be read: it does not exist, is not a file, or this service may not read it.",
+            hint="Check the URI; ask the operator whether the service's credentials can read it.",
+            http_status=422, uri=shown, reason="unreadable")
     return FetchFailed(err.message, hint=err.hint, http_status=422 if reason in _CLIENT_STORAGE_REASONS else 502,
-                       **err.details)
+                       **{**err.details, "uri": shown})
 
 
-def _fetch_storage(uri: str, scheme: str, policy: FetchPolicy, storage_options: Mapping[str, Any] | None) -> bytes:
-    if scheme != "file" and policy.allowed_buckets:
-        bucket = uri.split("://", 1)[1].split("/", 1)[0]
-        if not host_allowed(bucket, policy.allowed_buckets):
-            raise FetchRefused(
-                f"The bucket {bucket!r} of {uri!r} is not in this service's list of allowed buckets.",
-                hint=f"Allowed buckets: {', '.join(policy.allowed_buckets)}.",
-                uri=uri,
-                reason="bucket",
-            )
+def _fetch_storage(uri: str, policy: FetchPolicy, storage_options: Mapping[str, Any] | None) -> bytes:
+    """Read a storage URI that :func:`check_source` has already admitted (and canonicalised)."""
+    shown = redact_uri(uri)
     try:
         fs, path = split_uri(uri, storage_options)
         try:
             info = fs.info(path)
         except Exception as exc:
-            raise _storage_error(exc, uri, "read") from exc
+            raise _storage_error(exc, shown, "read") from exc
         if info.get("type") == "directory":
-            raise _storage_error(IsADirectoryError(path), uri, "read")
+            raise _storage_error(IsADirectoryError(path), shown, "read")
         size = info.get("size")
         if size is not None and int(size) > policy.max_bytes:
-            raise _too_large(uri, policy, int(size))
+            raise _too_large(shown, policy, int(size))
         data = read_bytes(uri, storage_options)
     except StorageError as err:
-        raise _from_storage_error(err) from err
+        raise _from_storage_error(err, shown) from err
     if len(data) > policy.max_bytes:  # the object grew between info and read
-        raise _too_large(uri, policy, len(data))
+        raise _too_large(shown, policy, len(data))
     return data
 
 
-def fetch_image(uri: str, policy: FetchPolicy, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Return the bytes of the image ``uri`` names, if ``policy`` allows it.
+def _check_storage(uri: str, policy: FetchPolicy) -> str:
+    try:
+        return check_location(uri, policy.allowed_prefixes, role="image", setting="allowed_input_prefixes")
+    except LocationNotAllowed as err:
+        raise FetchRefused(err.message, hint=err.hint, **err.details) from None
 
-    Args:
-        uri: ``http(s)://`` URL, object-store URI (``s3://bucket/key``) or, when ``"file"`` is allowed, a
-            local path / ``file://`` URI.
-        policy: what may be fetched (see :class:`FetchPolicy`).
-        storage_options: fsspec options for object-store URIs (s3fs: ``key``, ``secret``, ``endpoint_url``).
+
+def check_source(uri: str, policy: FetchPolicy) -> str:
+    """Every check :func:`fetch_image` makes before sending a byte, without fetching; returns the URI to fetch.
+
+    For ``http(s)`` that is ``uri`` itself (scheme, host allow-list, DNS and the private-address check; the
+    redirect hops and the connect-time re-check happen while fetching). For object stores and local files it is
+    the canonical URI within ``policy.allowed_prefixes`` (see :mod:`nvseg_ray.serving.prefixes`).
 
     Raises:
-        FetchRefused: 403 -- scheme, host or bucket not allowed, or a private address (nothing was sent).
-        PayloadTooLarge: 413 -- larger than ``policy.max_bytes``.
-        FetchFailed: 422 -- bad URL, unknown host, remote 4xx, object not found / not readable;
-            502 -- connection errors, remote 5xx, too many redirects, storage back-end failures.
-        FetchTimeout: 504 -- slower than ``policy.timeout_s``.
+        FetchRefused: 403 -- scheme, host or prefix not allowed, a malformed storage URI, a private address.
+        FetchFailed: 422 -- empty or malformed URL, a host that does not resolve.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise FetchFailed("The image URI is empty.", hint="Pass an http(s):// or s3:// URI.", http_status=422)
@@ -560,5 +557,30 @@ def fetch_image(uri: str, policy: FetchPolicy, storage_options: dict[str, Any] |
             reason="scheme",
         )
     if scheme in HTTP_SCHEMES:
-        return _fetch_http(uri, policy)
-    return _fetch_storage(uri, scheme, policy, storage_options)
+        check_url(uri, policy)
+        return uri
+    return _check_storage(uri, policy)
+
+
+def fetch_image(uri: str, policy: FetchPolicy, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Return the bytes of the image ``uri`` names, if ``policy`` allows it.
+
+    Args:
+        uri: ``http(s)://`` URL, object-store URI (``s3://bucket/key``) or, when ``"file"`` is allowed, a
+            local path / ``file://`` URI.
+        policy: what may be fetched (see :class:`FetchPolicy`).
+        storage_options: fsspec options for object-store URIs (s3fs: ``key``, ``secret``, ``endpoint_url``).
+
+    Raises:
+        FetchRefused: 403 -- scheme or host not allowed, a storage URI outside ``policy.allowed_prefixes``
+            or malformed (``..``, ``%``, ``::`` ...), or a private address (nothing was sent).
+        PayloadTooLarge: 413 -- larger than ``policy.max_bytes``.
+        FetchFailed: 422 -- bad URL, unknown host, remote 4xx, object missing / forbidden / a directory
+            (answered alike, ``reason="unreadable"``);
+            502 -- connection errors, remote 5xx, too many redirects, storage back-end failures.
+        FetchTimeout: 504 -- slower than ``policy.timeout_s``.
+    """
+    source = check_source(uri, policy)
+    if _scheme(source) in HTTP_SCHEMES:
+        return _fetch_http(source, policy)
+    return _fetch_storage(source, policy, storage_options)
