@@ -90,3 +90,10 @@ class StorageError(NvsegError):
 
     code = "storage_error"
     exit_code = 5
+
+
+class OutputExists(StorageError):
+    """A write that must not replace anything found its target already there (HTTP 409)."""
+
+    code = "output_exists"
+    http_status = 409

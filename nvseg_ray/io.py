@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from nvseg_ray.errors import ConfigError, InputError, StorageError
+from nvseg_ray.errors import ConfigError, InputError, OutputExists, StorageError
 
 try:  # optional accelerator: pip install "nvseg-ray[fast]"
     from isal import igzip as _igzip
@@ -532,11 +532,13 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _write_local_atomic(data: bytes, path: str) -> None:
+def _write_local_atomic(data: bytes, path: str, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` via a hidden temp file in the same directory and ``os.replace``.
 
     The temp file is created with mode 0o666 minus the umask (like a normal ``open``), fsync-ed before the
     rename, and removed if anything fails, so ``path`` holds either its old content or all of ``data``.
+    With ``overwrite=False`` the temp file is hard-linked to ``path`` instead (``os.link`` fails atomically
+    with FileExistsError when ``path`` exists, even a dangling symlink) and then removed.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -547,14 +549,19 @@ def _write_local_atomic(data: bytes, path: str) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)
+            tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
 def write_bytes_atomic(
-    data: bytes, uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    data: bytes, uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *,
+    overwrite: bool = True,
 ) -> None:
     """Write ``data`` as the complete content of ``uri``; never leaves a partial file under that name.
 
@@ -564,17 +571,30 @@ def write_bytes_atomic(
     * Object stores: one ``pipe_file`` upload of the whole object. S3/GCS/Azure publish an object only
       when its upload completes (single PUT, or multipart upload completion), so readers see either the
       previous object or the new one.
+    * ``overwrite=False``: never replace an existing file/object. Local: atomic (``os.link``). S3: a
+      conditional PUT (``If-None-Match: *``, atomic on AWS S3 and MinIO). Other stores: an existence check
+      just before the upload (a concurrent writer can still slip in between).
 
     Raises:
+        OutputExists: ``overwrite=False`` and ``uri`` already exists.
         StorageError: permission denied, missing bucket, network or disk errors.
     """
     uri = os.fspath(uri)
     fs, path = split_uri(uri, storage_options)
     try:
         if _is_local(fs):
-            _write_local_atomic(data, path)
-        else:
+            _write_local_atomic(data, path, overwrite)
+        elif overwrite:
             fs.pipe_file(path, data)
+        elif _protocol(uri) in _S3_PROTOCOLS:
+            fs.pipe_file(path, data, mode="create")
+        else:
+            if fs.exists(path):
+                raise FileExistsError(path)
+            fs.pipe_file(path, data)
+    except FileExistsError as exc:
+        raise OutputExists(f"Refusing to write {uri!r}: it already exists and this write may not replace it.",
+                           hint="Choose a new output location (or remove the old one).", uri=uri) from exc
     except Exception as exc:
         raise _storage_error(exc, uri, "write") from exc
 
@@ -619,8 +639,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def write_json(obj: Any, uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> None:
-    """Atomically write ``obj`` as UTF-8 JSON (indent 2, trailing newline); numpy values become plain JSON."""
+def write_json(obj: Any, uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *,
+               overwrite: bool = True) -> None:
+    """Atomically write ``obj`` as UTF-8 JSON (indent 2, trailing newline); numpy values become plain JSON.
+
+    ``overwrite=False``: :class:`~nvseg_ray.errors.OutputExists` when ``uri`` exists (see :func:`write_bytes_atomic`).
+    """
     text = json.dumps(obj, indent=2, default=_json_default, ensure_ascii=False) + "\n"
-    write_bytes_atomic(text.encode("utf-8"), uri, storage_options)
+    write_bytes_atomic(text.encode("utf-8"), uri, storage_options, overwrite=overwrite)
 

@@ -21,7 +21,9 @@ import numpy as np
 
 from .config import InferenceConfig
 from .engine import SegmentationResult
-from .io import encode_nifti, join_uri, uri_stem, write_bytes_atomic, write_json
+from .errors import OutputExists
+from .io import encode_nifti, exists, join_uri, uri_stem, write_bytes_atomic, write_json
+from .redaction import redact_uri
 
 NIFTI_SUFFIX = ".nii.gz"
 REPORT_FORMAT = "nvseg-segmentation-report/1"
@@ -80,20 +82,23 @@ def package_versions() -> dict[str, str]:
 
 def build_report(result: SegmentationResult, *, input_uri: str, output_uri: str, cfg: InferenceConfig,
                  model_uri: str | None, model_sha256: str | None) -> dict[str, Any]:
-    """The per-volume JSON report (pure function of its arguments, plus the clock and versions)."""
+    """The per-volume JSON report (pure function of its arguments, plus the clock and versions).
+
+    URIs are recorded redacted (:func:`nvseg_ray.redaction.redact_uri`): no user-info, no signature/token values.
+    """
     vol = result.volume
     return {
         "format": REPORT_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "input": {"uri": input_uri, "shape": list(vol.shape), "spacing_mm": [round(float(s), 6) for s in vol.spacing],
-                  "dtype": vol.source_dtype},
-        "output": {"uri": output_uri, "dtype": str(result.labels.dtype), "layout": cfg.output_layout},
+        "input": {"uri": redact_uri(input_uri), "shape": list(vol.shape),
+                  "spacing_mm": [round(float(s), 6) for s in vol.spacing], "dtype": vol.source_dtype},
+        "output": {"uri": redact_uri(output_uri), "dtype": str(result.labels.dtype), "layout": cfg.output_layout},
         "modality": result.prompts.modality,
         "prompts": {"requested": result.prompts.requested, "class_ids": list(result.prompts.class_ids),
                     "points": [list(p) for p in cfg.points] if cfg.points else None,
                     "point_labels": cfg.point_labels, "expand_subclasses": result.prompts.expand_subclasses},
         "labels": result.statistics,
-        "model": {"uri": model_uri, "sha256": model_sha256},
+        "model": {"uri": redact_uri(model_uri) if model_uri else model_uri, "sha256": model_sha256},
         "settings": {"spacing": list(cfg.spacing), "patch_size": list(cfg.patch_size), "overlap": cfg.overlap,
                      "sw_batch_size": cfg.sw_batch_size, "class_chunk_size": cfg.class_chunk_size,
                      "device": cfg.device, "amp": cfg.amp},
@@ -105,17 +110,38 @@ def build_report(result: SegmentationResult, *, input_uri: str, output_uri: str,
     }
 
 
+def refuse_existing(output_uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Raise :class:`~nvseg_ray.errors.OutputExists` (409) when the mask ``output_uri`` or its report exists.
+
+    Raises:
+        OutputExists: either exists.
+        StorageError: the storage could not be asked.
+    """
+    for target in (output_uri, report_uri(output_uri)):
+        if exists(target, storage_options):
+            raise OutputExists(f"Refusing to write {redact_uri(target)!r}: it already exists.",
+                               hint="Choose a new output_uri (existing masks and reports are never replaced).",
+                               uri=redact_uri(target))
+
+
 def write_result(result: SegmentationResult, *, input_uri: str, output_uri: str, cfg: InferenceConfig,
-                 model_uri: str | None, model_sha256: str | None) -> dict[str, Any]:
+                 model_uri: str | None, model_sha256: str | None, overwrite: bool = True) -> dict[str, Any]:
     """Encode and write the mask, then its JSON report (each atomically); returns the report.
 
     The report is written last, so a report's presence means its mask is complete.
+
+    ``overwrite=False`` (the HTTP service's default): :class:`~nvseg_ray.errors.OutputExists` when the mask
+    or its report already exists. Both are checked before anything is written, and each write is itself
+    exclusive (see :func:`nvseg_ray.io.write_bytes_atomic`), so an existing object is never replaced.
     """
     start = time.perf_counter()
+    report_target = report_uri(output_uri)
+    if not overwrite:
+        refuse_existing(output_uri, cfg.storage_options)
     data = encode_nifti(mask_image(result), compresslevel=cfg.compresslevel)
-    write_bytes_atomic(data, output_uri, cfg.storage_options)
+    write_bytes_atomic(data, output_uri, cfg.storage_options, overwrite=overwrite)
     result.timings["write"] = result.timings.get("write", 0.0) + time.perf_counter() - start
     report = build_report(result, input_uri=input_uri, output_uri=output_uri, cfg=cfg, model_uri=model_uri,
                           model_sha256=model_sha256)
-    write_json(report, report_uri(output_uri), cfg.storage_options)
+    write_json(report, report_target, cfg.storage_options, overwrite=overwrite)
     return report

@@ -29,9 +29,12 @@ from ray.serve.exceptions import BackPressureError
 
 from nvseg_ray import __version__
 from nvseg_ray.errors import ConfigError, InputError, NvsegError, PromptError, StorageError
-from nvseg_ray.output import mask_image, write_result
+from nvseg_ray.output import mask_image, refuse_existing, write_result
+from nvseg_ray.redaction import redact
+from nvseg_ray.serving.auth import AuthGate, BearerAuthMiddleware
 from nvseg_ray.serving.encode import MEDIA_TYPES, nifti_gz, nrrd_zip
 from nvseg_ray.serving.fetch import PayloadTooLarge, fetch_image
+from nvseg_ray.serving.prefixes import check_output_uri
 from nvseg_ray.serving.service import (
     InferenceRequest,
     JobRequest,
@@ -47,6 +50,10 @@ from nvseg_ray.serving.service import (
 
 api = FastAPI(title="nvseg-ray", version=__version__,
               description="NV-Segment-CTMR (VISTA3D) segmentation; NIM-compatible inference API.")
+#: bearer-token check of this process's app (ServeSettings.auth_tokens_file), set when the Gateway starts; added
+#: last, so it is the outermost middleware: a request without a valid token is answered before its body is read.
+AUTH = AuthGate()
+api.add_middleware(BearerAuthMiddleware, gate=AUTH)
 
 
 class ServiceUnavailable(NvsegError):
@@ -143,6 +150,7 @@ class JobStore:
         self.jobs: dict[str, dict[str, Any]] = {}
 
     def put(self, job: dict[str, Any]) -> None:
+        job = redact(job)  # image / output_uri / error texts: no user-info, no signatures (shown by GET /v1/jobs)
         self.jobs[job["job_id"]] = {**self.jobs.get(job["job_id"], {}), **job, "updated": time.time()}
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -156,6 +164,7 @@ class Gateway:
         self.settings = ServeSettings.from_args(args)
         self.processor = RequestProcessor(self.settings)
         self.policy = self.settings.fetch_policy()
+        AUTH.configure(self.settings.auth_tokens_file)  # a configured but unusable tokens file: the replica fails
         self.model, self.jobs = model, jobs
         self.inflight = 0
         self._tasks: set[asyncio.Task] = set()
@@ -194,18 +203,21 @@ class Gateway:
     async def _fetch(self, uri: str) -> bytes:
         return await asyncio.to_thread(fetch_image, uri, self.policy, self.settings.storage_options)
 
-    def _check_output_uri(self, uri: str) -> None:
-        if not uri.endswith(".nii.gz"):
-            raise ConfigError(f"output_uri must name a .nii.gz mask, got {uri}")
-        if not any(uri.startswith(p) for p in self.settings.allowed_output_prefixes):
-            raise OutputNotAllowed(f"output_uri {uri} is outside the allowed prefixes "
-                                   f"({', '.join(self.settings.allowed_output_prefixes) or 'none'})",
-                                   hint="ask the operator to add it to allowed_output_prefixes")
+    async def _check_output_uri(self, uri: str) -> str:
+        """The canonical output_uri: 403 output_not_allowed outside allowed_output_prefixes (or '..', not .nii.gz);
+        409 output_exists when the mask or its report exists and allow_overwrite is off (checked again, atomically,
+        when writing)."""
+        canonical = check_output_uri(uri, self.settings.allowed_output_prefixes)
+        if not self.settings.allow_overwrite:
+            await asyncio.to_thread(refuse_existing, canonical, self.settings.storage_options)
+        return canonical
 
     async def _write(self, result, request: PreparedRequest, output_uri: str, source: str) -> dict[str, Any]:
+        """Mask + report; 409 output_exists when either exists, unless allow_overwrite."""
         cfg = request.cfg.model_copy(update={"storage_options": self.settings.storage_options})
         return await asyncio.to_thread(write_result, result, input_uri=source, output_uri=output_uri, cfg=cfg,
-                                       model_uri=self.settings.checkpoint, model_sha256=None)
+                                       model_uri=self.settings.checkpoint, model_sha256=None,
+                                       overwrite=self.settings.allow_overwrite)
 
     @staticmethod
     def _respond(result, request: PreparedRequest, fmt: str) -> Response:
@@ -279,7 +291,7 @@ class Gateway:
             if pts is not None:
                 fields |= {"points": pts, "point_labels": labels or [1] * len(pts)}
             if output_uri:
-                self._check_output_uri(output_uri)
+                output_uri = await self._check_output_uri(output_uri)
             request, result = await self._segment(raw, file.filename or "upload.nii.gz", fields)
             if output_uri:
                 report = await self._write(result, request, output_uri, f"upload:{file.filename}")
@@ -292,7 +304,7 @@ class Gateway:
     async def submit(self, body: JobRequest) -> JSONResponse:
         fields = prompt_fields(body.prompts, body.modality, self.settings.default_modality)
         self.processor.config_for(fields)
-        self._check_output_uri(body.output_uri)
+        body.output_uri = await self._check_output_uri(body.output_uri)  # the canonical URI is what gets written
         job_id = uuid.uuid4().hex
         await self.jobs.put.remote({"job_id": job_id, "status": "queued", "image": body.image,
                                     "output_uri": body.output_uri, "created": time.time()})

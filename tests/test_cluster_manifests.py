@@ -321,13 +321,25 @@ def test_job_entrypoints_parse_and_name_the_resources_the_cluster_advertises(nam
         assert job["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode"
 
 
+def _without_serve_auth(cluster_spec: dict) -> dict:
+    """``cluster_spec`` less the tokens volume that cluster/transformers/serve-auth-secret.yaml adds to the service."""
+    out = copy.deepcopy(cluster_spec)
+    for group in [out["headGroupSpec"], *out["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        pod["volumes"] = [v for v in pod.get("volumes", []) if v["name"] != "serve-auth"]
+        for container in pod["containers"]:
+            container["volumeMounts"] = [m for m in container.get("volumeMounts", []) if m["name"] != "serve-auth"]
+    return out
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_every_ray_object_runs_the_same_cluster_shape(name):
     docs = _build(name)
     shape = _one(docs, "RayCluster", "nvseg")["spec"]
     for doc in docs:
         if doc["kind"] in ("RayJob", "RayService"):
-            assert _cluster_spec(doc) == shape, f"{doc['kind']}/{doc['metadata']['name']} drifted from the RayCluster"
+            spec = _without_serve_auth(_cluster_spec(doc)) if doc["kind"] == "RayService" else _cluster_spec(doc)
+            assert spec == shape, f"{doc['kind']}/{doc['metadata']['name']} drifted from the RayCluster"
     assert shape["enableInTreeAutoscaling"] is True
     assert shape.get("authOptions", {}).get("mode") == "token"
     for group in shape["workerGroupSpecs"]:
@@ -407,11 +419,35 @@ def test_secret_references_resolve(name):
             for _, template in _pod_templates(doc):
                 for container in template["spec"]["containers"]:
                     refs |= {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
-    assert refs == {"nvseg-s3"}
+                refs |= {v["secret"]["secretName"] for v in template["spec"].get("volumes", []) if "secret" in v}
+    assert refs == {"nvseg-s3", "nvseg-serve-auth"}
     for ref in refs - generated:
         assert f"create secret generic {ref}" in readme, f"{name}: Secret {ref} is neither generated nor documented"
+    keys = {"nvseg-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "nvseg-serve-auth": {"tokens"}}
     for secret in _of_kind(docs, "Secret"):
-        assert set(secret.get("data", {})) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert set(secret.get("data", {})) >= keys[secret["metadata"]["name"]]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_serve_auth_tokens_mounted_only_into_the_service(name):
+    """The serve config's auth_tokens_file lies in the nvseg-serve-auth mount of every RayService pod (the Gateway
+    may run on any of them); the RayJobs and the RayCluster do not get the tokens. No write-anywhere prefix."""
+    from nvseg_ray.serving.service import ServeSettings
+
+    docs = _build(name)
+    for doc in docs:
+        if doc["kind"] not in RAY_KINDS:
+            continue
+        for where, template in _pod_templates(doc):
+            volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+            mounts = {m["mountPath"]: m for m in template["spec"]["containers"][0].get("volumeMounts", [])}
+            has_tokens = any(v.get("secret", {}).get("secretName") == "nvseg-serve-auth" for v in volumes.values())
+            assert has_tokens == (doc["kind"] == "RayService"), f"{doc['kind']} {where}"
+            if doc["kind"] == "RayService":
+                args = ServeSettings.from_args(yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"])
+                assert args.auth_tokens_file and args.allowed_output_prefixes and not args.allow_overwrite
+                mount = mounts[str(Path(args.auth_tokens_file).parent)]
+                assert mount["readOnly"] and volumes[mount["name"]]["secret"]["secretName"] == "nvseg-serve-auth"
 
 
 def test_cluster_readme_names_real_files_and_commands():

@@ -83,7 +83,9 @@ def service(tiny_checkpoint, volumes, template_paths):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"checkpoint": tiny_checkpoint, "patch_size": list(TEST_PATCH), "device": "cpu", "max_upload_mb": 1.0,
             "request_timeout_s": TIMEOUT_S, "allowed_hosts": ["127.0.0.1"], "allow_private_networks": True,
-            "allowed_output_prefixes": ["s3://"],
+            # the s3_bucket fixture's buckets, and the README examples' s3://bucket/ct (in) and s3://bucket/jobs (out)
+            "allowed_input_prefixes": ["s3://nvseg-test-*", "s3://bucket/ct"],
+            "allowed_output_prefixes": ["s3://nvseg-test-*", "s3://bucket/jobs"],
             "brain": {"template": template_paths[0], "template_mask": template_paths[1]}}
     serve.run(build_app(args), name="nvseg", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import DEFAULT_PATCH_SIZE, BrainConfig, InferenceConfig, validate_config
 from ..engine import Prompts, SegmentationResult, Segmenter, resolve_prompts
@@ -25,7 +25,9 @@ from ..labels import MODALITIES, LabelCatalog
 from ..model import LoadedModel
 from ..preprocess import PreparedVolume
 from ..validation import VolumeLimits, validate_nifti
+from ..redaction import redact
 from .fetch import FetchPolicy
+from .prefixes import parse_prefixes
 
 OutputFormat = Literal["nrrd_zip", "nifti", "json"]
 
@@ -59,9 +61,24 @@ class ServeSettings(BaseModel):
     allowed_schemes: tuple[str, ...] = ("http", "https", "s3")
     allowed_hosts: tuple[str, ...] = Field((), description="exact or *.suffix; empty = any public host")
     allow_private_networks: bool = Field(False, description="allow URLs resolving to private/loopback addresses")
-    allowed_output_prefixes: tuple[str, ...] = Field(("s3://",), description="where output_uri may point")
+    allowed_input_prefixes: tuple[str, ...] = Field(
+        (), description="s3://bucket/dir or /abs/dir prefixes object-store/local images must lie within; empty = none")
+    allowed_output_prefixes: tuple[str, ...] = Field(
+        (), description="prefixes output_uri must lie within (segment-wise); empty = no output_uri accepted")
+    allow_overwrite: bool = Field(False, description="let output_uri replace an existing mask or report")
+    auth_tokens_file: str | None = Field(
+        None, description="file with one bearer token per line (a mounted Secret); None = no authentication")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     brain: BrainConfig = Field(default_factory=BrainConfig, description="brain T1 workflow for MRI_BRAIN requests")
+
+    @field_validator("allowed_input_prefixes", "allowed_output_prefixes")
+    @classmethod
+    def _valid_prefixes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Normalised prefixes (ValueError for one that is malformed or admits everything, e.g. ``s3://``)."""
+        try:
+            return tuple(p.uri for p in parse_prefixes(value))
+        except NvsegError as err:
+            raise ValueError(err.message) from None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeSettings:
@@ -70,6 +87,7 @@ class ServeSettings(BaseModel):
     def fetch_policy(self) -> FetchPolicy:
         return FetchPolicy(allowed_schemes=tuple(self.allowed_schemes), allowed_hosts=tuple(self.allowed_hosts),
                            allow_private_networks=self.allow_private_networks,
+                           allowed_prefixes=tuple(self.allowed_input_prefixes),
                            max_bytes=int(self.max_upload_mb * 2**20), timeout_s=min(self.request_timeout_s, 120.0))
 
     def inference_config(self, **prompt_fields: Any) -> InferenceConfig:
@@ -220,4 +238,5 @@ class ModelWorker:
 
 
 def error_body(err: NvsegError) -> dict[str, Any]:
-    return {"error": err.to_dict()}
+    """``{"error": {"code", "message", "hint", ...}}`` with every URI in it redacted (no user-info, no signatures)."""
+    return {"error": redact(err.to_dict())}
