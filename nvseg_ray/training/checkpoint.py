@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,8 @@ class TrainState:
         self.history.append(metrics)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The ``train_state.pt`` dict; shallow (``dataclasses.asdict`` would deep-copy the optimiser's tensors)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str) -> TrainState:
