@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import json
 import re
+import unicodedata
 import zipfile
+from urllib.parse import quote
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +39,7 @@ __all__ = [
     "MEDIA_TYPE_ZIP",
     "NRRD_SPACE",
     "EncodeError",
+    "content_disposition",
     "decode_nrrd",
     "encode_nrrd",
     "image_nrrd_zip",
@@ -94,6 +97,27 @@ def response_filename(stem: str, fmt: str) -> str:
         return safe_stem(stem) + _FILE_SUFFIXES[fmt]
     except KeyError:
         raise NvsegError(f"unknown output format {fmt!r}", hint=f"use one of {', '.join(_FILE_SUFFIXES)}") from None
+
+
+def content_disposition(filename: str, max_chars: int = 200) -> str:
+    """An ``attachment`` ``Content-Disposition`` value for any file name (RFC 6266 / RFC 5987), ASCII only.
+
+    ``filename="..."`` carries an ASCII fallback (accents stripped, other characters -> ``_``) and
+    ``filename*=UTF-8''...`` the percent-encoded UTF-8 name, so that names like ``Zürich_頭部_seg.nii.gz``
+    survive and the header stays Latin-1-encodable (HTTP servers refuse anything else). Names are cut to
+    ``max_chars`` characters, keeping the suffix (``_seg.nii.gz``).
+    """
+    name = unicodedata.normalize("NFC", str(filename)).replace("/", "_").replace("\\", "_")
+    name = "".join(ch if ch.isprintable() else "_" for ch in name) or "image"
+    if len(name) > max_chars:
+        stem, dot, suffix = name.partition(".")
+        suffix = (dot + suffix)[-40:]
+        name = stem[: max_chars - len(suffix)] + suffix
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    ascii_name = re.sub(r'[^A-Za-z0-9._-]+', "_", ascii_name).strip("_") or "image"
+    if ascii_name.startswith("."):
+        ascii_name = "image" + ascii_name
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def ras_to_lps(affine: np.ndarray) -> np.ndarray:
