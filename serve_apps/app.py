@@ -290,12 +290,11 @@ class Gateway:
                 fields["classes"] = parse_form_list(classes)
             if pts is not None:
                 fields |= {"points": pts, "point_labels": labels or [1] * len(pts)}
-            if output_uri:
-                output_uri = await self._check_output_uri(output_uri)
+            target = await self._check_output_uri(output_uri) if output_uri else None  # canonical
             request, result = await self._segment(raw, file.filename or "upload.nii.gz", fields)
-            if output_uri:
-                report = await self._write(result, request, output_uri, f"upload:{file.filename}")
-                return JSONResponse({"output_uri": output_uri, "report": report, "labels": result.statistics})
+            if target:
+                report = await self._write(result, request, target, f"upload:{file.filename}")
+                return JSONResponse({"output_uri": target, "report": report, "labels": result.statistics})
             return self._respond(result, request, output)
 
         return await self._admitted(work)
