@@ -306,7 +306,7 @@ def _report(ctx: WorkerContext, metrics: dict[str, float], net: torch.nn.Module,
         ckpt = None
         if ctx.rank == 0:
             opt.snapshot(state)
-            state.config = ctx.cfg.model_dump(mode="json")
+            state.config = ctx.cfg.model_dump(mode="json", exclude={"storage_options"})  # may hold credentials
             write_checkpoint(tmp, net.state_dict(), state, ctx.cfg, epoch=state.epoch, metrics=metrics)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
