@@ -11,10 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import math
+import re
 
-from .errors import ConfigError
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError, PromptError
 
 # --- upstream-exact preprocessing / inferer defaults -------------------------------------------------
 DEFAULT_SPACING_MM: tuple[float, float, float] = (1.5, 1.5, 1.5)
@@ -25,6 +29,25 @@ DEFAULT_OVERLAP = 0.25
 DEFAULT_SW_BATCH_SIZE = 1
 #: patch dimensions must be divisible by 2 ** (len(blocks_down) - 1) for SegResNetDS2.
 PATCH_DIVISOR = 16
+#: Largest patch edge. MONAI pads an image smaller than the patch up to the patch, so the patch alone sets the
+#: memory of every window: 512 is 2.7x upstream's largest edge (192).
+MAX_PATCH_EDGE = 512
+#: Largest patch volume: 256^3 = 16.8 M voxels, 3.6x upstream's 192x192x128 (4.7 M). The first encoder stage
+#: alone holds 48 channels per voxel (~3 GiB in float32 at this size), so larger patches exhaust memory
+#: before the first window finishes.
+MAX_PATCH_VOXELS = 256**3
+#: Largest window overlap. The window step is patch x (1 - overlap): at 0.9 every voxel is already covered
+#: by ~1000 windows in 3-D; above it the number of windows (and the run time) grows without bound.
+MAX_OVERLAP = 0.9
+#: Most windows run in one forward pass (each is a full patch of activations).
+MAX_SW_BATCH_SIZE = 64
+#: Longest output postfix (a file-name fragment).
+MAX_POSTFIX_LENGTH = 64
+_POSTFIX = re.compile(r"[A-Za-z0-9._-]*")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+DEVICE_CHOICES = "auto (cuda when available), cpu, cuda, cuda:N (N = GPU index), mps"
+#: InferenceConfig fields whose problems are prompt problems (PromptError, ``invalid_prompt``).
+PROMPT_FIELDS = frozenset({"classes", "points", "point_labels"})
 
 # --- our own defaults ---------------------------------------------------------------------------------
 #: classes whose logits are materialised at once when taking the argmax (memory vs. speed).
@@ -39,10 +62,17 @@ OutputDType = Literal["uint8", "uint16", "int16", "int32", "float32"]
 
 
 def check_patch_size(v: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Every patch dimension a positive multiple of 16 (SegResNetDS2 downsamples 4 times)."""
+    """Every patch dimension a positive multiple of 16 (SegResNetDS2 downsamples 4 times), at most
+    :data:`MAX_PATCH_EDGE`, and at most :data:`MAX_PATCH_VOXELS` voxels in all."""
     if any(s <= 0 or s % PATCH_DIVISOR for s in v):
         raise ValueError(f"every patch dimension must be a positive multiple of {PATCH_DIVISOR}, got {list(v)} "
                          "(upstream's training patch [192, 198, 128] is a typo for [192, 192, 128])")
+    if max(v) > MAX_PATCH_EDGE:
+        raise ValueError(f"every patch dimension must be at most {MAX_PATCH_EDGE}, got {list(v)} (the patch sets the "
+                         "memory of every window; upstream uses 192, 192, 128)")
+    if math.prod(v) > MAX_PATCH_VOXELS:
+        raise ValueError(f"the patch {list(v)} has {math.prod(v):,} voxels, above the limit of {MAX_PATCH_VOXELS:,} "
+                         "(256^3; each voxel holds 48+ feature channels per window); upstream uses 192, 192, 128")
     return v
 
 
@@ -107,11 +137,12 @@ class InferenceConfig(BaseModel):
 
     checkpoint: str | None = Field(None, description="model.pt path or fsspec URI")
     modality: Modality | None = Field(None, description="everything-set when no classes are given")
-    classes: list[int | str] | None = Field(None, description="class ids or names; None = everything")
+    classes: list[StrictInt | str] | None = Field(None, description="class ids or names; None = everything")
     points: list[tuple[float, float, float]] | None = Field(
-        None, description="point prompts, voxel coordinates (i, j, k) of the INPUT image"
+        None, description="point prompts, voxel coordinates (i, j, k) of the INPUT image; finite, and inside "
+        "the volume (checked per volume)"
     )
-    point_labels: list[int] | None = Field(None, description="1 = positive, 0 = negative, one per point")
+    point_labels: list[StrictInt] | None = Field(None, description="1 = positive, 0 = negative, one per point")
     expand_subclasses: bool | None = Field(
         None, description="expand prompts 2/20/21 into their parts (upstream); None = what the checkpoint's "
         "<checkpoint>.labels.json sidecar says (finetuned models), else true")
@@ -121,15 +152,16 @@ class InferenceConfig(BaseModel):
     crop_margin: int = Field(DEFAULT_CROP_MARGIN, ge=0)
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
     patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE
-    overlap: float = Field(DEFAULT_OVERLAP, ge=0.0, lt=1.0)
-    sw_batch_size: int = Field(DEFAULT_SW_BATCH_SIZE, ge=1)
+    overlap: float = Field(DEFAULT_OVERLAP, description="window overlap fraction in [0, 0.9]")
+    sw_batch_size: int = Field(DEFAULT_SW_BATCH_SIZE, ge=1, le=MAX_SW_BATCH_SIZE)
     class_chunk_size: int = Field(DEFAULT_CLASS_CHUNK_SIZE, ge=1)
-    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'")
     amp: bool = Field(True, description="fp16 autocast on CUDA, as upstream; ignored on CPU")
 
     output_dtype: OutputDType = DEFAULT_OUTPUT_DTYPE
     output_layout: Literal["nested", "flat"] = "nested"
-    output_postfix: str = DEFAULT_OUTPUT_POSTFIX
+    output_postfix: str = Field(DEFAULT_OUTPUT_POSTFIX, description="mask file-name fragment: letters, digits, "
+                                "'.', '_', '-' (no path separators), at most 64 characters; '' for none")
     compresslevel: int = Field(DEFAULT_COMPRESSLEVEL, ge=0, le=9)
     overwrite: bool = False
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, ge=1)
@@ -145,18 +177,63 @@ class InferenceConfig(BaseModel):
     def _upper_modality(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
 
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _no_boolean_classes(cls, v: Any) -> Any:
+        """``true`` is an int in Python (and would prompt class 1, the liver): refuse booleans outright."""
+        if isinstance(v, (list, tuple)) and any(isinstance(item, bool) for item in v):
+            raise PydanticCustomError("invalid_prompt", "class prompts must be class ids (integers) or names "
+                                      "(strings), got a boolean in {classes}", {"classes": list(v)})
+        return v
+
+    @field_validator("points")
+    @classmethod
+    def _finite_points(cls, v: list[tuple[float, float, float]] | None) -> Any:
+        for point in v or ():
+            if not all(math.isfinite(c) for c in point):
+                raise PydanticCustomError("invalid_prompt", "point {point} has a NaN/Inf coordinate; points are voxel "
+                                          "indices i,j,k of the input image", {"point": list(point)})
+        return v
+
+    @field_validator("output_postfix")
+    @classmethod
+    def _safe_postfix(cls, v: str) -> str:
+        if len(v) > MAX_POSTFIX_LENGTH or not _POSTFIX.fullmatch(v) or v.strip(".") == "" and v:
+            raise ValueError(f"the output postfix must be a file-name fragment of at most {MAX_POSTFIX_LENGTH} "
+                             f"letters, digits, '.', '_' or '-' (no '/', '\\' or '..'-only names), got {v!r}; "
+                             "e.g. --postfix seg")
+        return v
+
+    @field_validator("overlap")
+    @classmethod
+    def _bounded_overlap(cls, v: float) -> float:
+        if not 0.0 <= v <= MAX_OVERLAP:  # also NaN
+            raise ValueError(f"overlap must be between 0 and {MAX_OVERLAP}, got {v}: the window step is patch x "
+                             "(1 - overlap), so near 1 the number of windows grows without bound (upstream: 0.25)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v.strip().lower()):
+            raise ValueError(f"unknown device {v!r}; use {DEVICE_CHOICES}")
+        return v.strip().lower()
+
     @model_validator(mode="after")
     def _points_consistent(self) -> InferenceConfig:
+        def bad(message: str) -> PydanticCustomError:
+            return PydanticCustomError("invalid_prompt", message)
+
         if self.points is not None:
             labels = self.point_labels if self.point_labels is not None else [1] * len(self.points)
             if len(labels) != len(self.points):
-                raise ValueError(f"{len(self.points)} points but {len(labels)} point labels")
+                raise bad(f"{len(self.points)} points but {len(labels)} point labels")
             if any(lbl not in (0, 1) for lbl in labels):
-                raise ValueError(f"point labels must be 1 (positive) or 0 (negative), got {labels}")
+                raise bad(f"point labels must be 1 (positive) or 0 (negative), got {labels}")
             if not self.points:
-                raise ValueError("points is an empty list")
+                raise bad("points is an empty list")
         elif self.point_labels is not None:
-            raise ValueError("point_labels given without points")
+            raise bad("point_labels given without points")
         return self
 
     # -- construction ------------------------------------------------------------------------------
@@ -210,13 +287,29 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def is_prompt_problem(err: Any) -> bool:
+    """Whether one pydantic error dict concerns the prompts (class list, points, point labels)."""
+    loc = err.get("loc") or ()
+    return err.get("type") == "invalid_prompt" or bool(loc) and loc[0] in PROMPT_FIELDS
+
+
 def validate_config(model: type[BaseModel], data: dict[str, Any], *, source: str) -> Any:
-    """Validate ``data`` against a pydantic model, turning errors into one readable :class:`ConfigError`."""
+    """Validate ``data`` against a pydantic model, turning errors into one readable error.
+
+    Raises:
+        PromptError: every problem is in the prompts (``classes``, ``points``, ``point_labels``).
+        ConfigError: otherwise.
+    """
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         problems = []
-        for err in exc.errors():
+        errors = exc.errors()
+        for err in errors:
             where = ".".join(str(p) for p in err["loc"]) or "(config)"
             problems.append(f"{where}: {err['msg']}")
+        if all(is_prompt_problem(err) for err in errors):
+            raise PromptError(f"invalid prompts in {source}: " + "; ".join(problems),
+                              hint="classes are ids or names (`nvseg labels --search WORD`); points are voxel "
+                              "indices 'i,j,k' of the input, each with a label 1 (positive) or 0 (negative)") from None
         raise ConfigError(f"invalid configuration in {source}: " + "; ".join(problems)) from None

@@ -17,12 +17,12 @@ import torch
 
 from .config import InferenceConfig
 from .errors import ConfigError, PromptError
-from .inference import resolve_device, segment_classes, segment_points
+from .inference import check_window_count, resolve_device, segment_classes, segment_points
 from .labels import LabelCatalog
 from .model import LoadedModel, checkpoint_label_info, load_model
 from .postprocess import cast_labels, invert_labels, label_statistics
 from .preprocess import PreparedVolume, build_preprocessing, prepare
-from .validation import ValidatedVolume, VolumeLimits, read_and_validate
+from .validation import ValidatedVolume, VolumeLimits, check_model_input, read_and_validate
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "write")
 
@@ -149,14 +149,21 @@ class Segmenter:
                 modality: str | None = None) -> PreparedVolume:
         """Resample, crop, scale and reorient onto the model grid (CPU).
 
+        Refused before any heavy work (:class:`~nvseg_ray.errors.InputError` / ``PromptError``): an empty or
+        constant volume, point prompts outside it, a resampled grid above ``max_voxels``, and a model grid needing
+        more than :data:`~nvseg_ray.inference.MAX_SLIDING_WINDOWS` windows.
+
         For ``MRI_BRAIN`` (``modality``, else the configured one) with ``brain.preprocess: full``, the brain T1
         workflow runs first (skull strip, N4, normalisation, registration onto the template grid; its step times
         land in ``timings`` as ``brain_<step>``), and the model grid is built from the template-space image.
         """
         timings = timings if timings is not None else {}
         with timed(timings, "preprocess"):
+            check_model_input(volume.array, uri=volume.uri)  # empty_volume / constant_volume
             if not self.cfg.uses_brain_workflow(modality):
-                return prepare(volume.array, volume.affine, self.cfg, self.transforms)
+                prepared = prepare(volume.array, volume.affine, self.cfg, self.transforms, uri=volume.uri)
+                check_window_count(prepared.model_shape, self.cfg, uri=volume.uri)
+                return prepared
             from .brain import prepare_brain
 
             if self.cfg.points is not None:
@@ -165,7 +172,8 @@ class Segmenter:
             warped, record = prepare_brain(volume.array, volume.affine, volume.image, self.cfg.brain, uri=volume.uri,
                                            storage_options=self.cfg.storage_options)
             timings.update({f"brain_{step}": seconds for step, seconds in record.timings.items()})
-            prepared = prepare(warped, np.asarray(record.template_affine), self.cfg, self.transforms)
+            prepared = prepare(warped, np.asarray(record.template_affine), self.cfg, self.transforms, uri=volume.uri)
+            check_window_count(prepared.model_shape, self.cfg, uri=volume.uri)
             prepared.brain = record
             return prepared
 

@@ -18,6 +18,7 @@ size. Peak memory is ``(48 + class_chunk_size) x voxels x 4 bytes`` instead of `
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,15 +28,67 @@ from .config import InferenceConfig
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> the first CUDA device when available, else CPU."""
+    """``"auto"`` -> the first CUDA device when available, else CPU.
+
+    Raises:
+        ConfigError: an unknown device name, CUDA requested where there is none, or a GPU index that does not exist.
+    """
+    from .config import DEVICE_CHOICES
+    from .errors import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}", hint=f"use {DEVICE_CHOICES}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError(f"device '{name}' requested but CUDA is not available", hint="use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s)",
+                          hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}, cuda or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {name!r}", hint=f"use {DEVICE_CHOICES}")
     return device
+
+
+#: Most sliding windows one volume may need. A whole-body CT at upstream's patch and overlap needs < 100;
+#: 10,000 allows overlap 0.9 on large volumes while refusing settings that would run for hours.
+MAX_SLIDING_WINDOWS = 10_000
+
+
+def sliding_window_count(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """Windows MONAI's ``sliding_window_inference`` runs over a ``shape`` model grid (same step rule)."""
+    count = 1
+    for size, roi in zip(shape, patch):
+        size = max(int(size), int(roi))  # smaller images are padded up to the patch
+        if size == roi:
+            continue
+        step = max(int(roi * (1 - overlap)), 1)
+        count *= math.ceil((size - roi) / step) + 1
+    return count
+
+
+def check_window_count(model_shape: Sequence[int], cfg: InferenceConfig, *, uri: str) -> int:
+    """Refuse a model grid that needs more than :data:`MAX_SLIDING_WINDOWS` windows; returns the count.
+
+    Raises:
+        InputError: ``too_large``, with the count and how to lower it.
+    """
+    from .errors import InputError
+
+    count = sliding_window_count(model_shape, cfg.patch_size, cfg.overlap)
+    if count > MAX_SLIDING_WINDOWS:
+        raise InputError(
+            f"{uri!r}: its {tuple(int(n) for n in model_shape)} model grid needs {count:,} sliding windows of "
+            f"{tuple(cfg.patch_size)} at overlap {cfg.overlap}, above the limit of {MAX_SLIDING_WINDOWS:,}.",
+            code="too_large",
+            hint="Lower --overlap (upstream uses 0.25) or use a larger --patch-size (upstream: 192,192,128).",
+            uri=uri,
+            n_windows=count,
+            max_windows=MAX_SLIDING_WINDOWS,
+        )
+    return count
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:

@@ -14,20 +14,31 @@ botocore already honours ``AWS_ENDPOINT_URL``; :func:`split_uri` additionally pa
 so that fsspec's filesystem-instance cache is keyed by the endpoint (two endpoints in one process never
 share a cached client).
 
+Decompression is bounded by what the header declares: the first bytes are inflated, the header's shape,
+datatype and ``vox_offset`` give the file's size, and at most that many bytes (plus
+:data:`TRAILING_SLACK_BYTES`) are ever inflated -- a small ``.nii.gz`` that expands into gigabytes of
+trailing zeros is refused with ``trailing_data`` after inflating only the declared size, and a header that
+declares more than ``max_voxels`` voxels is refused with ``too_large`` before its data is inflated.
+
 Every failure is a :class:`~nvseg_ray.errors.StorageError` (path/permission/network problems, with a
 ``reason`` detail such as ``"not_found"``) or an :class:`~nvseg_ray.errors.InputError` (the bytes are not a
-usable NIfTI volume; ``code`` is ``"truncated_file"`` or ``"unreadable_file"``).
+usable NIfTI volume; ``code`` is ``"truncated_file"``, ``"unreadable_file"``, ``"trailing_data"`` or
+``"too_large"``).
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import math
 import os
 import posixpath
 import secrets
 import struct
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,12 +52,18 @@ from nvseg_ray.errors import ConfigError, InputError, OutputExists, StorageError
 
 try:  # optional accelerator: pip install "nvseg-ray[fast]"
     from isal import igzip as _igzip
+    from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - exercised only where isal is missing
     _igzip = None
+    _isal_zlib = None
 
 __all__ = [
+    "CODE_TOO_LARGE",
+    "CODE_TRAILING_DATA",
     "CODE_TRUNCATED_FILE",
     "CODE_UNREADABLE_FILE",
+    "DEFAULT_MAX_VOXELS",
+    "DeclaredLayout",
     "REASON_IO_ERROR",
     "REASON_IS_A_DIRECTORY",
     "REASON_MISSING_PACKAGE",
@@ -55,6 +72,7 @@ __all__ = [
     "REASON_PERMISSION_DENIED",
     "REASON_UNSUPPORTED_SCHEME",
     "check_data_size",
+    "declared_layout",
     "decode_nifti",
     "encode_nifti",
     "exists",
@@ -63,6 +81,7 @@ __all__ = [
     "read_bytes",
     "read_nifti",
     "split_uri",
+    "too_large_error",
     "uri_stem",
     "write_bytes_atomic",
     "write_json",
@@ -72,6 +91,20 @@ __all__ = [
 #: InputError codes raised here (the full list lives in :mod:`nvseg_ray.validation`).
 CODE_TRUNCATED_FILE = "truncated_file"
 CODE_UNREADABLE_FILE = "unreadable_file"
+CODE_TRAILING_DATA = "trailing_data"
+CODE_TOO_LARGE = "too_large"
+
+#: 2**29 = 536,870,912 voxels: a 2 GiB float32 array. Covers the largest routine scans (whole-body CT at
+#: 512 x 512 x 2000 = 524 M voxels) while refusing accidental giants (e.g. a 1024^3 micro-CT) that would
+#: exhaust host/GPU memory during resampling and sliding-window inference.
+DEFAULT_MAX_VOXELS = 1024**3 // 2
+#: Bytes tolerated after the declared voxel data (a few writers pad files); more is ``trailing_data``.
+TRAILING_SLACK_BYTES = 64 * 1024
+#: Largest accepted ``vox_offset`` (the 348/540-byte header plus extensions, e.g. an embedded DICOM
+#: header of a few MiB): a larger one is a corrupt header, refused before anything is inflated.
+MAX_HEADER_BYTES = 64 * 2**20
+#: Decompressed bytes produced per inflate call (bounds the overshoot beyond what was asked for).
+_INFLATE_CHUNK = 16 * 2**20
 
 #: Values of the ``reason`` detail on :class:`StorageError` (machine-readable sub-code).
 REASON_NOT_FOUND = "not_found"
@@ -358,30 +391,82 @@ def join_uri(base: str | os.PathLike[str], *parts: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _gunzip(raw: bytes, *, uri: str) -> bytes:
-    """Decompress gzip bytes (all members), with isal when available."""
-    try:
-        if _igzip is not None:
-            return _igzip.decompress(raw)
-        return gzip.decompress(raw)
-    except EOFError as exc:
-        raise InputError(
-            f"{uri!r} is a truncated gzip file: it ends before the end of the compressed stream "
-            f"({len(raw)} bytes read).",
-            code=CODE_TRUNCATED_FILE,
-            hint="The file was cut short (interrupted download/copy or a full disk). Copy or export it again.",
-            uri=uri,
-            nbytes=len(raw),
-        ) from exc
-    except Exception as exc:  # zlib.error, isal IsalError, gzip.BadGzipFile (CRC / length mismatch)
-        raise InputError(
-            f"{uri!r} is a corrupt gzip file ({type(exc).__name__}: {exc}).",
-            code=CODE_TRUNCATED_FILE,
-            hint="The compressed data is damaged. Copy or export the file again; "
-            "`gzip -t <file>` tests a local copy.",
-            uri=uri,
-            nbytes=len(raw),
-        ) from exc
+def _truncated_gzip(uri: str, nbytes: int) -> InputError:
+    return InputError(
+        f"{uri!r} is a truncated gzip file: it ends before the end of the compressed stream "
+        f"({nbytes} bytes read).",
+        code=CODE_TRUNCATED_FILE,
+        hint="The file was cut short (interrupted download/copy or a full disk). Copy or export it again.",
+        uri=uri,
+        nbytes=nbytes,
+    )
+
+
+def _corrupt_gzip(uri: str, nbytes: int, exc: BaseException) -> InputError:
+    return InputError(
+        f"{uri!r} is a corrupt gzip file ({type(exc).__name__}: {exc}).",
+        code=CODE_TRUNCATED_FILE,
+        hint="The compressed data is damaged. Copy or export the file again; "
+        "`gzip -t <file>` tests a local copy.",
+        uri=uri,
+        nbytes=nbytes,
+    )
+
+
+class _BoundedGunzip:
+    """Incremental gunzip of every member of ``raw`` into an in-memory buffer, never inflating more than asked.
+
+    :meth:`fill` inflates until the buffer holds ``n`` bytes or the stream ends, so the caller decides how
+    much a stream may expand to *before* it has expanded (zlib's ``max_length``; isal when installed).
+    Zero padding after the last member is ignored (as :func:`gzip.decompress` does); other bytes after it
+    are ``trailing_data``.
+    """
+
+    def __init__(self, raw: bytes, *, uri: str) -> None:
+        self._zlib = _isal_zlib if _igzip is not None and _isal_zlib is not None else zlib
+        self._raw_size = len(raw)
+        self._uri = uri
+        self._inflater = self._zlib.decompressobj(wbits=31)  # 31: gzip wrapper, CRC-32 and size checked
+        self._pending: bytes = raw
+        self.buffer = io.BytesIO()
+        self.size = 0
+        self.ended = False
+
+    def fill(self, n: int) -> None:
+        """Inflate until :attr:`size` >= ``n`` or the stream ended (``size`` may exceed ``n`` by < 16 MiB).
+
+        Raises:
+            InputError: ``truncated_file`` (stream cut short or corrupt), ``trailing_data`` (non-gzip bytes
+                after the last member).
+        """
+        while self.size < n and not self.ended:
+            if self._inflater.eof:
+                rest = self._inflater.unused_data
+                if rest[:2] == GZIP_MAGIC:  # next member of a multi-member file
+                    self._inflater = self._zlib.decompressobj(wbits=31)
+                    self._pending = rest
+                    continue
+                if rest.strip(b"\x00"):
+                    raise InputError(
+                        f"{self._uri!r} has {len(rest)} bytes of non-gzip data after the end of its gzip stream.",
+                        code=CODE_TRAILING_DATA,
+                        hint="The file is damaged or two files were concatenated. Copy or export it again.",
+                        uri=self._uri,
+                        nbytes=self._raw_size,
+                    )
+                self.ended = True
+                break
+            before = len(self._pending)
+            try:
+                chunk = self._inflater.decompress(self._pending, min(n - self.size, _INFLATE_CHUNK))
+            except Exception as exc:  # zlib.error / IsalError: bad deflate data, CRC or length mismatch
+                raise _corrupt_gzip(self._uri, self._raw_size, exc) from exc
+            self._pending = self._inflater.unconsumed_tail
+            if chunk:
+                self.buffer.write(chunk)
+                self.size += len(chunk)
+            elif not self._inflater.eof and len(self._pending) == before:
+                raise _truncated_gzip(self._uri, self._raw_size)
 
 
 def _unreadable(uri: str, why: str, **details: Any) -> InputError:
@@ -464,39 +549,164 @@ def check_data_size(img: nib.Nifti1Image, available: int, *, uri: str) -> None:
     )
 
 
-def decode_nifti(raw: bytes, *, uri: str) -> nib.Nifti1Image:
+def too_large_error(uri: str, what: str, shape: tuple[int, ...], n_voxels: int, max_voxels: int,
+                    **details: Any) -> InputError:
+    """The ``too_large`` error for ``n_voxels`` (``shape``) above ``max_voxels``; ``what`` names the grid."""
+    gib = n_voxels * 4 / 2**30
+    return InputError(
+        f"{uri!r}: {what} has {n_voxels:,} voxels (shape {tuple(shape)}), above the limit of {max_voxels:,}.",
+        code=CODE_TOO_LARGE,
+        hint=f"Raise the limit with --max-voxels {n_voxels} if the machine has the memory "
+        f"(~{gib:.1f} GiB for one float32 copy alone), or crop/downsample the scan.",
+        uri=uri,
+        n_voxels=n_voxels,
+        max_voxels=max_voxels,
+        shape=[int(n) for n in shape],
+        **details,
+    )
+
+
+@dataclass(frozen=True)
+class DeclaredLayout:
+    """What a single-file NIfTI header declares about the bytes that follow it (read without nibabel).
+
+    Attributes:
+        header_class: ``nib.Nifti1Image`` or ``nib.Nifti2Image``.
+        shape: ``dim[1 : dim[0] + 1]``, every axis (spatial and beyond).
+        dtype: voxel dtype of the ``datatype`` code, in the header's byte order.
+        offset: byte offset of the voxel data: ``vox_offset``, at least the header size + 4 (nibabel
+            refuses smaller single-file offsets except 0).
+    """
+
+    header_class: type[nib.Nifti1Image]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+
+    @property
+    def n_voxels(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of a well-formed file: ``offset`` + voxels x item size."""
+        return self.offset + self.n_voxels * self.dtype.itemsize
+
+
+def declared_layout(header: bytes, *, uri: str) -> DeclaredLayout:
+    """Parse shape, datatype and data offset from the first bytes of an uncompressed NIfTI-1/2 file.
+
+    Args:
+        header: at least the 348 (NIfTI-1) or 540 (NIfTI-2) header bytes (more is ignored).
+        uri: named in error messages.
+
+    Raises:
+        InputError: ``unreadable_file`` (not a single-file NIfTI, nonsense dim/datatype/vox_offset) or
+            ``truncated_file`` (fewer bytes than the header).
+    """
+    klass = _header_class(header, uri=uri)
+    endian = "<" if struct.unpack("<i", header[:4])[0] in (NIFTI1_HEADER_SIZE, NIFTI2_HEADER_SIZE) else ">"
+    if klass is nib.Nifti2Image:
+        (datatype,) = struct.unpack(endian + "h", header[12:14])
+        dim = struct.unpack(endian + "8q", header[16:80])
+        (vox_offset,) = struct.unpack(endian + "q", header[168:176])
+        min_offset = NIFTI2_HEADER_SIZE + 4
+    else:
+        dim = struct.unpack(endian + "8h", header[40:56])
+        (datatype,) = struct.unpack(endian + "h", header[70:72])
+        (vox_offset,) = struct.unpack(endian + "f", header[108:112])
+        min_offset = NIFTI1_HEADER_SIZE + 4
+    ndim = int(dim[0])
+    if not 1 <= ndim <= 7:
+        raise _unreadable(uri, f"its header declares {ndim} dimensions (dim[0] must be 1..7)")
+    shape = tuple(int(n) for n in dim[1 : ndim + 1])
+    if min(shape) < 0:
+        raise _unreadable(uri, f"its header declares a negative size in shape {shape}")
+    try:
+        dtype = np.dtype(nib.nifti1.data_type_codes.dtype[int(datatype)]).newbyteorder(endian)
+    except (KeyError, TypeError) as exc:
+        raise _unreadable(uri, f"its header declares the unknown NIfTI datatype code {datatype}") from exc
+    if not math.isfinite(vox_offset) or not 0 <= vox_offset <= MAX_HEADER_BYTES:
+        raise _unreadable(uri, f"its header declares a voxel data offset (vox_offset) of {vox_offset}, outside "
+                          f"0..{MAX_HEADER_BYTES}")
+    return DeclaredLayout(klass, shape, dtype, max(int(vox_offset), min_offset))
+
+
+def _trailing_data_error(uri: str, layout: DeclaredLayout, nbytes: int | None, compressed: int | None) -> InputError:
+    more = f"at least {nbytes:,}" if nbytes is not None else "more"
+    packed = f" (from {compressed:,} compressed bytes)" if compressed is not None else ""
+    return InputError(
+        f"{uri!r} holds {more} bytes{packed}, more than the {layout.nbytes:,} its header declares "
+        f"({layout.shape} voxels of {layout.dtype.name} after a {layout.offset}-byte header): the file has "
+        "trailing data after the volume.",
+        code=CODE_TRAILING_DATA,
+        hint="A NIfTI file holds one volume and nothing after it. Re-export the volume (e.g. with nibabel "
+        "`nib.save`) or check that the right file was sent.",
+        uri=uri,
+        expected_nbytes=layout.nbytes,
+        nbytes=nbytes,
+    )
+
+
+def _check_declared(layout: DeclaredLayout, *, uri: str, max_voxels: int | None) -> None:
+    if max_voxels is not None and layout.n_voxels > max_voxels:
+        raise too_large_error(uri, "its header declares a volume that", layout.shape, layout.n_voxels, max_voxels)
+
+
+def decode_nifti(raw: bytes, *, uri: str, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image:
     """Parse a ``.nii`` or ``.nii.gz`` byte string into a nibabel image, entirely in memory.
 
-    Gzip is detected from the magic bytes ``1f 8b`` (not from the file name). The voxel data stays
-    on-demand: ``img.dataobj`` is an ``ArrayProxy`` over the in-memory bytes that applies
-    ``scl_slope``/``scl_inter`` when read; ``img.affine`` maps voxel indices (i, j, k) to RAS+ world mm.
+    Gzip is detected from the magic bytes ``1f 8b`` (not from the file name) and inflated with a bound:
+    first the header, then at most the size it declares plus :data:`TRAILING_SLACK_BYTES`, so the memory
+    used is that of the declared volume whatever the stream expands to. The voxel data stays on-demand:
+    ``img.dataobj`` is an ``ArrayProxy`` over the in-memory bytes that applies ``scl_slope``/``scl_inter``
+    when read; ``img.affine`` maps voxel indices (i, j, k) to RAS+ world mm.
 
     Args:
         raw: the file content, gzip-compressed or not.
         uri: where the bytes came from, used in error messages only.
+        max_voxels: refuse a header declaring more voxels (all axes together) than this before inflating
+            its data; ``None`` for no limit.
 
     Returns:
         A :class:`nibabel.Nifti1Image` (or :class:`nibabel.Nifti2Image`, a subclass) whose data size has
         been checked against the header.
 
     Raises:
-        InputError: ``truncated_file`` (gzip stream or voxel data shorter than declared, corrupt gzip)
-            or ``unreadable_file`` (not a single-file NIfTI-1/2).
+        InputError: ``truncated_file`` (gzip stream or voxel data shorter than declared, corrupt gzip),
+            ``unreadable_file`` (not a single-file NIfTI-1/2), ``trailing_data`` (more bytes than the header
+            declares) or ``too_large`` (more than ``max_voxels`` voxels declared).
     """
-    data = _gunzip(raw, uri=uri) if raw[:2] == GZIP_MAGIC else raw
-    klass = _header_class(data, uri=uri)
+    if raw[:2] == GZIP_MAGIC:
+        stream = _BoundedGunzip(raw, uri=uri)
+        stream.fill(NIFTI2_HEADER_SIZE + 4)
+        layout = declared_layout(stream.buffer.getvalue()[: NIFTI2_HEADER_SIZE + 4], uri=uri)
+        _check_declared(layout, uri=uri, max_voxels=max_voxels)
+        limit = layout.nbytes + TRAILING_SLACK_BYTES
+        stream.fill(limit + 1)
+        if stream.size > limit:
+            raise _trailing_data_error(uri, layout, stream.size, len(raw))
+        buffer, available = stream.buffer, stream.size
+        buffer.seek(0)
+    else:
+        layout = declared_layout(raw, uri=uri)
+        _check_declared(layout, uri=uri, max_voxels=max_voxels)
+        if len(raw) > layout.nbytes + TRAILING_SLACK_BYTES:
+            raise _trailing_data_error(uri, layout, len(raw), None)
+        buffer, available = io.BytesIO(raw), len(raw)
     try:
-        img = klass.from_bytes(data)
+        img = layout.header_class.from_stream(buffer)
     except Exception as exc:  # nibabel HeaderDataError, ValueError on nonsense header fields, ...
         raise _unreadable(uri, f"nibabel cannot parse its header ({type(exc).__name__}: {exc})") from exc
-    check_data_size(img, len(data), uri=uri)
+    check_data_size(img, available, uri=uri)
     return img
 
 
-def read_nifti(uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> nib.Nifti1Image:
-    """Fetch and decode a NIfTI volume: :func:`read_bytes` then :func:`decode_nifti`."""
+def read_nifti(uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *,
+               max_voxels: int | None = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image:
+    """Fetch and decode a NIfTI volume: :func:`read_bytes` then :func:`decode_nifti` (bounded inflation)."""
     uri = os.fspath(uri)
-    return decode_nifti(read_bytes(uri, storage_options), uri=uri)
+    return decode_nifti(read_bytes(uri, storage_options), uri=uri, max_voxels=max_voxels)
 
 
 # --------------------------------------------------------------------------------------------------------

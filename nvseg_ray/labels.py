@@ -45,6 +45,8 @@ __all__ = [
     "SUBCLASSES",
     "LabelCatalog",
     "LabelClass",
+    "parse_class_list",
+    "parse_class_token",
 ]
 
 #: Identifier written into (and required from) project catalog files.
@@ -86,6 +88,22 @@ _PACKAGED_RESOURCE = "label_catalog.json"
 _INT_TEXT = re.compile(r"[+-]?\d+")
 _NAME_SEPARATORS = re.compile(r"[\s_\-]+")
 _SEARCH_HINT = "run `nvseg labels --search WORD` to look up class names and ids"
+
+
+def parse_class_token(token: str) -> int | str:
+    """One class prompt as typed (CLI flag, form field, manifest cell, JSON key): ``"3"`` -> 3, ``" liver "`` -> ``"liver"``.
+
+    Only a decimal integer (``[+-]?`` digits, as :meth:`LabelCatalog.resolve` reads them) becomes an int; text that
+    merely passes ``str.isdigit()`` but not ``int()`` (``"²"``, ``"3²"``) stays a name, which the catalog then
+    refuses as an unknown class (:class:`PromptError`) instead of crashing.
+    """
+    text = token.strip()
+    return int(text) if _INT_TEXT.fullmatch(text) else text
+
+
+def parse_class_list(text: str) -> list[int | str]:
+    """``"liver, 3; spleen"`` -> ``["liver", 3, "spleen"]`` (separators ``,`` and ``;``; empty items dropped)."""
+    return [parse_class_token(t) for t in re.split(r"[,;]", text) if t.strip()]
 
 
 def _normalize_name(text: str) -> str:

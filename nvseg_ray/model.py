@@ -27,6 +27,16 @@ ENCODER_STEM_KEY = "image_encoder.encoder.conv_init.weight"
 EXPECTED_PREFIXES = ("image_encoder.", "class_head.", "point_head.")
 #: wrappers seen around the state dict in the wild: ignite / MONAI CheckpointSaver, plain torch.save.
 _WRAPPER_KEYS = ("model", "state_dict", "network", "net")
+#: Widest accepted embedding: the released model uses 48 (~218 M parameters, growing with the width squared),
+#: the test models 8. 64 (~390 M parameters, ~1.5 GB) leaves room for variants; a wider stem is refused before
+#: a network is built (width 4096 would ask for ~10^12 parameters).
+MAX_EMBED_DIM = 64
+#: Smallest width the point head accepts.
+MIN_EMBED_DIM = 8
+#: Most input channels (co-registered sequences of a finetuned multi-channel model).
+MAX_IN_CHANNELS = 16
+#: Most parameters a checkpoint may hold: the network at MAX_EMBED_DIM and MAX_IN_CHANNELS stays below it.
+MAX_PARAMETERS = 400_000_000
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,16 @@ def architecture_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Arch
             hint="expected an NV-Segment-CTMR / VISTA3D state dict saved with MONAI >= 1.4 key names "
             "(older MONAI-1.3 research checkpoints use different names and cannot be loaded)",
         )
-    return Architecture(in_channels=int(stem.shape[1]), embed_dim=int(stem.shape[0]))
+    embed_dim, in_channels = int(stem.shape[0]), int(stem.shape[1])
+    if not MIN_EMBED_DIM <= embed_dim <= MAX_EMBED_DIM or not 1 <= in_channels <= MAX_IN_CHANNELS:
+        raise CheckpointError(
+            f"checkpoint's encoder stem '{ENCODER_STEM_KEY}' has shape {list(stem.shape)}: width {embed_dim} and "
+            f"{in_channels} input channel(s), outside the supported {MIN_EMBED_DIM}..{MAX_EMBED_DIM} and "
+            f"1..{MAX_IN_CHANNELS} (the released NV-Segment-CTMR model: width 48, 1 channel)",
+            hint="use a NV-Segment-CTMR / VISTA3D checkpoint saved from monai.networks.nets.vista3d132",
+            embed_dim=embed_dim, in_channels=in_channels,
+        )
+    return Architecture(in_channels=in_channels, embed_dim=embed_dim)
 
 
 def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -112,10 +131,21 @@ def load_state_dict_from_uri(uri: str, *, storage_options: dict | None = None) -
 def build_network(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> torch.nn.Module:
     """Build the network that matches ``state_dict`` and load it strictly.
 
+    The stem width / channel count and the total parameter count are bounded before the network is built,
+    so a checkpoint whose shapes imply a huge network is refused without allocating it.
+
     Raises:
         CheckpointError: naming the missing / unexpected / mis-shaped keys.
     """
     arch = architecture_from_state_dict(state_dict)
+    n_parameters = sum(int(t.numel()) for t in state_dict.values())
+    if n_parameters > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"{source} holds {n_parameters:,} parameters, far more than a VISTA3D network "
+            f"(~218 M for the released model; limit {MAX_PARAMETERS:,})",
+            hint="use a NV-Segment-CTMR / VISTA3D checkpoint saved from monai.networks.nets.vista3d132",
+            n_parameters=n_parameters,
+        )
     net = arch.build()
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state_dict))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from .config import InferenceConfig
 from .engine import SegmentationResult
-from .errors import OutputExists
+from .errors import InputError, OutputExists
 from .io import encode_nifti, exists, join_uri, uri_stem, write_bytes_atomic, write_json
 from .redaction import redact_uri
 
@@ -29,14 +30,54 @@ NIFTI_SUFFIX = ".nii.gz"
 REPORT_FORMAT = "nvseg-segmentation-report/1"
 
 
+#: error code of an input whose mask another input of the same run already writes.
+CODE_DUPLICATE_OUTPUT = "duplicate_output"
+
+
+def _safe_part(part: str) -> str:
+    """A path component that cannot leave its folder: ``"."``/``".."`` (e.g. the stem of ``...nii.gz``) -> ``"_"``s."""
+    return part.replace(".", "_") if part in (".", "..") else part
+
+
 def mask_uri(input_uri: str, output_dir: str, cfg: InferenceConfig, rel_dir: str = "") -> str:
-    """The output mask URI for ``input_uri`` under ``output_dir`` (see module docstring)."""
-    stem = uri_stem(input_uri)
+    """The output mask URI for ``input_uri`` under ``output_dir`` (see module docstring).
+
+    Always below ``output_dir``: the postfix is a plain file-name fragment (checked by InferenceConfig) and
+    ``.``/``..`` components of the stem or ``rel_dir`` become ``_``/``__``.
+    """
+    stem = _safe_part(uri_stem(input_uri))
     name = f"{stem}_{cfg.output_postfix}{NIFTI_SUFFIX}" if cfg.output_postfix else f"{stem}{NIFTI_SUFFIX}"
-    parts = [p for p in rel_dir.strip("/").split("/") if p]
+    parts = [_safe_part(p) for p in rel_dir.strip("/").split("/") if p]
     if cfg.output_layout == "nested":
         parts.append(stem)
     return join_uri(output_dir, *parts, name)
+
+
+def earlier_claims(pairs: Iterable[tuple[str, str]]) -> list[str | None]:
+    """For each ``(input_uri, output_uri)`` in order: None when it is the first to write ``output_uri``, else the
+    earlier input that writes it (e.g. ``a/scan.nii.gz`` and ``b/scan.nii.gz`` both map to ``out/scan/...``).
+
+    Shared by ``nvseg segment`` and the batch planner, so both refuse the later duplicates instead of skipping
+    them as "exists" or overwriting one patient's mask with another's.
+    """
+    seen: dict[str, str] = {}
+    out: list[str | None] = []
+    for input_uri, output_uri in pairs:
+        out.append(seen.get(output_uri))
+        seen.setdefault(output_uri, input_uri)
+    return out
+
+
+def duplicate_output_error(input_uri: str, earlier_uri: str, output_uri: str) -> InputError:
+    """The ``duplicate_output`` error of ``input_uri`` whose mask ``earlier_uri`` already writes."""
+    return InputError(
+        f"{redact_uri(input_uri)} and {redact_uri(earlier_uri)} would both write {redact_uri(output_uri)}; "
+        f"{redact_uri(input_uri)} was not segmented (the first one's mask is kept).",
+        code=CODE_DUPLICATE_OUTPUT,
+        hint="Rename one of the inputs, segment them into different --output-dir folders, or give batch manifest "
+        "rows distinct output_name values.",
+        uri=redact_uri(input_uri), output_uri=redact_uri(output_uri), duplicate_of=redact_uri(earlier_uri),
+    )
 
 
 def report_uri(mask: str) -> str:

@@ -32,6 +32,9 @@ from monai.transforms import (
 )
 
 from .config import InferenceConfig
+from .errors import InputError
+from .io import too_large_error
+from .validation import CODE_EMPTY_VOLUME, check_point_prompts
 
 IMAGE_KEY = "image"
 
@@ -125,17 +128,85 @@ def world_points_to_model_grid(points_ijk: np.ndarray, input_affine: np.ndarray,
     return (homog @ xform.T)[:, :3]
 
 
-def prepare(array: np.ndarray, affine: np.ndarray, cfg: InferenceConfig, transforms: Compose | None = None) -> PreparedVolume:
+def resampled_shape(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The (X', Y', Z') grid ``Spacingd(pixdim=spacing)`` resamples a ``shape`` volume with ``affine`` onto.
+
+    Computed exactly as MONAI's ``Spacing`` does (``zoom_affine`` keeping the axis directions, then
+    ``compute_shape_offset``), without allocating anything.
+    """
+    from monai.data.utils import compute_shape_offset, to_affine_nd, zoom_affine
+
+    affine_ = to_affine_nd(3, np.asarray(affine, dtype=np.float64))
+    new_affine = zoom_affine(affine_, np.asarray(spacing, dtype=np.float64), diagonal=False)
+    out_shape, _ = compute_shape_offset(tuple(int(n) for n in shape[:3]), affine_, new_affine, False)
+    return tuple(int(n) for n in out_shape)  # type: ignore[return-value]
+
+
+def check_model_grid(shape: tuple[int, ...], affine: np.ndarray, cfg: InferenceConfig, *, uri: str) -> tuple[int, int, int]:
+    """Apply the voxel budget ``cfg.max_voxels`` to the resampled model grid, before anything is allocated.
+
+    A coarse volume (e.g. 40^3 voxels of 50 mm) resampled to 1.5 mm needs a grid far larger than the file
+    (1334^3 voxels, ~70 GB in float64). Returns the resampled (X', Y', Z') shape.
+
+    Raises:
+        InputError: ``too_large``, naming the input and the resampled sizes.
+    """
+    target = resampled_shape(shape, affine, cfg.spacing)
+    n_voxels = int(np.prod(target, dtype=np.int64))
+    if n_voxels > cfg.max_voxels:
+        spacing_in = tuple(round(float(v), 4) for v in np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0)))
+        raise too_large_error(
+            uri, f"resampling its {tuple(int(n) for n in shape[:3])} voxels of {spacing_in} mm to "
+            f"{tuple(cfg.spacing)} mm gives a model grid that", target, n_voxels, cfg.max_voxels,
+            input_shape=[int(n) for n in shape[:3]], input_spacing_mm=list(spacing_in))
+    return target
+
+
+def _empty_after_resampling(array: np.ndarray, affine: np.ndarray, cfg: InferenceConfig, uri: str) -> InputError | None:
+    """The ``empty_volume`` error when no voxel > 0 survives resampling (the foreground crop is then empty)."""
+    resampled = Spacingd(IMAGE_KEY, pixdim=list(cfg.spacing), mode="bilinear")({IMAGE_KEY: to_meta_tensor(array, affine)})
+    if bool((resampled[IMAGE_KEY] > 0).any()):
+        return None
+    return InputError(
+        f"{uri!r} has {int(np.count_nonzero(array > 0))} voxel(s) above 0, but none is left after resampling to "
+        f"{tuple(cfg.spacing)} mm: the foreground the model sees is empty.",
+        code=CODE_EMPTY_VOLUME,
+        hint="There is too little above 0 (soft tissue and denser on CT) to segment; check that this is the "
+        "intended scan.",
+        uri=uri,
+    )
+
+
+def prepare(array: np.ndarray, affine: np.ndarray, cfg: InferenceConfig, transforms: Compose | None = None, *,
+            uri: str = "volume") -> PreparedVolume:
     """Run the preprocessing chain on one 3-D volume.
+
+    Before anything is resampled the point prompts are checked against ``array``'s shape and the voxel budget
+    against the resampled grid (:func:`check_model_grid`).
 
     Args:
         array: (X, Y, Z) float32 voxel values as stored in the file (scaling applied).
         affine: 4x4 voxel -> RAS world (mm) affine of ``array``.
         cfg: the inference configuration (spacing, margin, percentiles, point prompts).
         transforms: a prebuilt :func:`build_preprocessing` chain (optional).
+        uri: named in error messages.
+
+    Raises:
+        PromptError: a point prompt outside the volume (``invalid_prompt``).
+        InputError: ``too_large`` (resampled grid over ``cfg.max_voxels``) or ``empty_volume`` (nothing > 0
+            left after resampling).
     """
+    if cfg.points is not None:
+        check_point_prompts(cfg.points, cfg.point_labels, shape=tuple(int(n) for n in array.shape), uri=uri)
+    check_model_grid(array.shape, affine, cfg, uri=uri)
     transforms = transforms or build_preprocessing(cfg)
-    out = transforms({IMAGE_KEY: to_meta_tensor(array, affine)})[IMAGE_KEY]
+    try:
+        out = transforms({IMAGE_KEY: to_meta_tensor(array, affine)})[IMAGE_KEY]
+    except Exception:
+        empty = _empty_after_resampling(array, affine, cfg, uri)
+        if empty is not None:
+            raise empty from None
+        raise
     prepared = PreparedVolume(image=out, input_shape=tuple(int(s) for s in array.shape), input_affine=np.asarray(affine))
     if cfg.points is not None:
         model_affine = out.affine.detach().cpu().numpy()

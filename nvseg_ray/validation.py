@@ -25,17 +25,28 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from nvseg_ray.errors import ConfigError, InputError
-from nvseg_ray.io import CODE_TRUNCATED_FILE, CODE_UNREADABLE_FILE, check_data_size, read_nifti
+from nvseg_ray.errors import ConfigError, InputError, PromptError
+from nvseg_ray.io import (
+    CODE_TOO_LARGE,
+    CODE_TRAILING_DATA,
+    CODE_TRUNCATED_FILE,
+    CODE_UNREADABLE_FILE,
+    DEFAULT_MAX_VOXELS,
+    check_data_size,
+    read_nifti,
+    too_large_error,
+)
 
 __all__ = [
+    "CODE_CONSTANT_VOLUME",
+    "CODE_EMPTY_VOLUME",
     "CODE_INVALID_SPACING",
     "CODE_MULTI_VOLUME",
     "CODE_NON_FINITE",
@@ -43,6 +54,7 @@ __all__ = [
     "CODE_NOT_3D",
     "CODE_QFORM_SFORM_MISMATCH",
     "CODE_TOO_LARGE",
+    "CODE_TRAILING_DATA",
     "CODE_TRUNCATED_FILE",
     "CODE_UNREADABLE_FILE",
     "CODE_UNSUPPORTED_DTYPE",
@@ -54,6 +66,8 @@ __all__ = [
     "ERROR_CODES",
     "ValidatedVolume",
     "VolumeLimits",
+    "check_model_input",
+    "check_point_prompts",
     "read_and_validate",
     "validate_nifti",
 ]
@@ -68,12 +82,15 @@ CODE_NON_FINITE = "non_finite"
 CODE_INVALID_SPACING = "invalid_spacing"
 CODE_NON_ORTHONORMAL = "non_orthonormal"
 CODE_QFORM_SFORM_MISMATCH = "qform_sform_mismatch"
-CODE_TOO_LARGE = "too_large"
+#: refused by :func:`check_model_input` (model inputs only; label maps may legitimately be all zero).
+CODE_EMPTY_VOLUME = "empty_volume"
+CODE_CONSTANT_VOLUME = "constant_volume"
 
 #: Every InputError code an input volume can be refused with (reading + validation).
 ERROR_CODES: tuple[str, ...] = (
     CODE_UNREADABLE_FILE,
     CODE_TRUNCATED_FILE,
+    CODE_TRAILING_DATA,
     CODE_NOT_3D,
     CODE_MULTI_VOLUME,
     CODE_UNSUPPORTED_DTYPE,
@@ -82,15 +99,15 @@ ERROR_CODES: tuple[str, ...] = (
     CODE_NON_ORTHONORMAL,
     CODE_QFORM_SFORM_MISMATCH,
     CODE_TOO_LARGE,
+    CODE_EMPTY_VOLUME,
+    CODE_CONSTANT_VOLUME,
 )
 
 # ----------------------------------------------------------------------------------------------------------
 # Default limits
 # ----------------------------------------------------------------------------------------------------------
-#: 2**29 = 536,870,912 voxels: a 2 GiB float32 array. Covers the largest routine scans (whole-body CT at
-#: 512 x 512 x 2000 = 524 M voxels) while refusing accidental giants (e.g. a 1024^3 micro-CT) that would
-#: exhaust host/GPU memory during resampling and sliding-window inference.
-DEFAULT_MAX_VOXELS = 1024**3 // 2
+# DEFAULT_MAX_VOXELS (2**29 voxels, a 2 GiB float32 array) is defined in nvseg_ray.io, which applies it
+# before inflating a .nii.gz; re-exported here.
 #: Finest accepted voxel size. Clinical CT/MRI is >= ~0.2 mm; anything below 0.01 mm is microscopy or a
 #: header written in metres/centimetres instead of millimetres (0.5 mm stored as 0.0005).
 DEFAULT_MIN_SPACING_MM = 0.01
@@ -245,22 +262,10 @@ def _check_dtype(img: nib.Nifti1Image, *, uri: str) -> np.dtype:
     return dtype
 
 
-def _gib(nbytes: int) -> str:
-    return f"~{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"~{nbytes / 2**20:.1f} MiB"
-
-
 def _check_size(spatial: tuple[int, int, int], limits: VolumeLimits, *, uri: str) -> None:
     n_voxels = int(np.prod(spatial, dtype=np.int64))
     if n_voxels > limits.max_voxels:
-        raise InputError(
-            f"{uri!r} has {n_voxels:,} voxels (shape {spatial}), above the limit of {limits.max_voxels:,}.",
-            code=CODE_TOO_LARGE,
-            hint=f"Raise the limit with --max-voxels {n_voxels} if the machine has the memory "
-            f"({_gib(n_voxels * 4)} for the float32 volume alone), or crop/downsample the scan.",
-            uri=uri,
-            n_voxels=n_voxels,
-            max_voxels=limits.max_voxels,
-        )
+        raise too_large_error(uri, "the volume", spatial, n_voxels, limits.max_voxels)
 
 
 def _stored_nbytes(img: nib.Nifti1Image) -> int | None:
@@ -537,6 +542,104 @@ def _check_finite(array: np.ndarray, *, uri: str) -> None:
     )
 
 
+def check_model_input(array: np.ndarray, *, uri: str) -> None:
+    """Refuse a volume the model cannot be run on: nothing above 0, or a single value everywhere.
+
+    Preprocessing crops to the voxels > 0 and scales by the 1st..99th percentile of what is left: an all-air CT
+    (every voxel <= 0 HU, e.g. all -1024) leaves an empty crop, and a constant volume has no contrast to scale.
+    Only model inputs are checked (a label map may be all background), so :func:`validate_nifti` does not.
+
+    Args:
+        array: (X, Y, Z) float32 voxel values (e.g. :attr:`ValidatedVolume.array`), finite.
+        uri: named in the message.
+
+    Raises:
+        InputError: ``empty_volume`` or ``constant_volume``.
+    """
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if high <= 0:
+        value = f"every voxel is {high:g}" if low == high else f"the values range from {low:g} to {high:g}"
+        raise InputError(
+            f"{uri!r} has no voxel above 0 ({value}): there is nothing to segment, since preprocessing keeps "
+            "the foreground voxels > 0 (soft tissue and denser on CT).",
+            code=CODE_EMPTY_VOLUME,
+            hint="Check that this is the intended scan: an all-air or blank CT (e.g. every voxel -1024 HU), or an "
+            "image whose intensities were shifted below 0, cannot be segmented.",
+            uri=uri,
+            min_value=low,
+            max_value=high,
+        )
+    if low == high:
+        raise InputError(
+            f"{uri!r} is constant (every voxel is {high:g}): it has no contrast, so intensity scaling and "
+            "segmentation are undefined.",
+            code=CODE_CONSTANT_VOLUME,
+            hint="Check that this is the intended scan and that it was exported with its voxel data (not a blank "
+            "placeholder or a mask).",
+            uri=uri,
+            value=high,
+        )
+
+
+def _point_hint() -> str:
+    return ("Give points as voxel indices 'i,j,k' of the input image (e.g. --points 120,95,40), each inside its "
+            "shape, with one label per point: 1 (positive) or 0 (negative).")
+
+
+def check_point_prompts(points: Sequence[Sequence[float]] | None, point_labels: Sequence[Any] | None, *,
+                        shape: tuple[int, ...] | None = None, uri: str | None = None) -> None:
+    """Refuse point prompts that cannot be clicks on the volume, before anything is computed.
+
+    Args:
+        points: (N, 3) voxel coordinates (i, j, k) of the INPUT image, or None.
+        point_labels: N labels, 1 positive / 0 negative (None: all positive).
+        shape: the input volume's (X, Y, Z); when given, every coordinate must lie in ``0 .. size - 1`` of its
+            axis (the voxel index range).
+        uri: the volume, named in the message.
+
+    Raises:
+        PromptError: ``invalid_prompt`` naming the point, the shape and the valid range: NaN/Inf or
+            out-of-range coordinates, a point without 3 coordinates, labels that are not the integers 0/1
+            (booleans and floats included), labels without points, or a label count that differs.
+    """
+    where = f" of {uri!r}" if uri else ""
+    if points is None:
+        if point_labels is not None:
+            raise PromptError("point_labels were given without points", hint=_point_hint())
+        return
+    points = list(points)
+    if not points:
+        raise PromptError("points is an empty list", hint=_point_hint())
+    labels = list(point_labels) if point_labels is not None else [1] * len(points)
+    if len(labels) != len(points):
+        raise PromptError(f"{len(points)} points but {len(labels)} point labels", hint=_point_hint())
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or int(label) not in (0, 1):
+            raise PromptError(f"point labels must be the integers 1 (positive) or 0 (negative), got {label!r}",
+                              hint=_point_hint(), point_labels=[repr(v) for v in labels])
+    for point in points:
+        coords = list(point)
+        if len(coords) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, float, np.number)) for v in coords):
+            raise PromptError(f"a point needs 3 numeric voxel coordinates (i, j, k), got {coords!r}", hint=_point_hint())
+        values = np.asarray(coords, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise PromptError(f"point {coords!r}{where} has a NaN/Inf coordinate", hint=_point_hint(),
+                              point=[repr(v) for v in coords])
+        if shape is not None:
+            upper = np.asarray(shape[:3], dtype=np.float64) - 1
+            outside = [axis for axis in range(3) if not 0 <= values[axis] <= upper[axis]]
+            if outside:
+                ranges = ", ".join(f"{name.split()[0]} 0..{int(top)}" for name, top in zip(_SPATIAL_AXES, upper))
+                raise PromptError(
+                    f"point {tuple(_json_float(v) for v in values)} lies outside the volume{where}: its shape is "
+                    f"{tuple(int(n) for n in shape[:3])}, so the valid voxel coordinates are {ranges} "
+                    f"(axis {', '.join(_SPATIAL_AXES[a] for a in outside)} out of range)",
+                    hint=_point_hint(),
+                    point=[_json_float(v) for v in values],
+                    shape=[int(n) for n in shape[:3]],
+                )
+
+
 def _output_image(corrected: nib.Nifti1Image, array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     """3-D image holding ``array`` (float32, no scaling) with ``corrected``'s header and ``affine``."""
     header = corrected.header.copy()
@@ -599,6 +702,10 @@ def read_and_validate(
     storage_options: Mapping[str, Any] | None = None,
     limits: VolumeLimits = VolumeLimits(),
 ) -> ValidatedVolume:
-    """:func:`nvseg_ray.io.read_nifti` then :func:`validate_nifti` (local path or fsspec URI)."""
+    """:func:`nvseg_ray.io.read_nifti` then :func:`validate_nifti` (local path or fsspec URI).
+
+    ``limits.max_voxels`` also bounds decompression: a header declaring more voxels (all axes) is refused
+    with ``too_large`` before its data is inflated.
+    """
     uri = os.fspath(uri)
-    return validate_nifti(read_nifti(uri, storage_options), uri=uri, limits=limits)
+    return validate_nifti(read_nifti(uri, storage_options, max_voxels=limits.max_voxels), uri=uri, limits=limits)

@@ -8,7 +8,7 @@ import pytest
 
 from nvseg_ray import config as cfgmod
 from nvseg_ray.config import InferenceConfig
-from nvseg_ray.errors import ConfigError
+from nvseg_ray.errors import ConfigError, PromptError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
@@ -63,6 +63,6 @@ def test_flags_override_yaml(tmp_path):
 def test_bad_config_is_a_clear_error(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=match) as err:
+    with pytest.raises((ConfigError, PromptError), match=match) as err:  # prompt problems: invalid_prompt
         InferenceConfig.from_sources(path)
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and err.value.exit_code == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -116,13 +117,37 @@ BAD_VOLUMES: list[Case] = [
         "inconsistent header",
     ),
     ("too_large", lambda p: make_nifti((16, 12, 10)), {"max_voxels": 1000}, val.CODE_TOO_LARGE, "1,920 voxels"),
+    ("trailing_data_gz", lambda p: gzip.compress(nifti_bytes(make_nifti((8, 8, 8), dtype=np.int16)) + bytes(2**20)),
+     {}, val.CODE_TRAILING_DATA, "trailing data"),
 ]
+
+# model inputs only (val.check_model_input): (id, voxel values, expected code, fragment of the message)
+MODEL_INPUT_CASES = [
+    ("empty_all_air", np.full((8, 8, 8), -1024.0, np.float32), val.CODE_EMPTY_VOLUME, "every voxel is -1024"),
+    ("empty_all_zero", np.zeros((8, 8, 8), np.float32), val.CODE_EMPTY_VOLUME, "no voxel above 0"),
+    ("empty_negative_range", np.linspace(-1000, -1, 512, dtype=np.float32).reshape(8, 8, 8), val.CODE_EMPTY_VOLUME,
+     "from -1000 to -1"),
+    ("constant_positive", np.full((8, 8, 8), 40.0, np.float32), val.CODE_CONSTANT_VOLUME, "every voxel is 40"),
+]
+
+
+@pytest.mark.parametrize(("name", "array", "code", "fragment"), MODEL_INPUT_CASES, ids=[c[0] for c in MODEL_INPUT_CASES])
+def test_unusable_model_input_is_refused(name: str, array: np.ndarray, code: str, fragment: str) -> None:
+    vol = val.validate_nifti(make_nifti(array.shape, data=array), uri=URI)  # a valid file (label maps may be empty)
+    with pytest.raises(InputError) as info:
+        val.check_model_input(vol.array, uri=URI)
+    assert info.value.code == code and fragment in info.value.message and info.value.hint
+    assert json.loads(json.dumps(info.value.to_dict(), allow_nan=False))["code"] == code
+
+
+def test_model_input_with_foreground_passes() -> None:
+    val.check_model_input(val.validate_nifti(make_nifti((8, 8, 8)), uri=URI).array, uri=URI)
 
 
 def test_table_covers_every_error_code() -> None:
     codes = {value for name, value in vars(val).items() if name.startswith("CODE_")}
     assert codes == set(val.ERROR_CODES)
-    assert {case[3] for case in BAD_VOLUMES} == set(val.ERROR_CODES)
+    assert {case[3] for case in BAD_VOLUMES} | {case[2] for case in MODEL_INPUT_CASES} == set(val.ERROR_CODES)
 
 
 @pytest.mark.parametrize(("name", "build", "limits", "code", "fragment"), BAD_VOLUMES, ids=[c[0] for c in BAD_VOLUMES])

@@ -27,6 +27,27 @@ from .template import BrainTemplate, load_template
 
 #: levels of the refining registration of the stripped brain (starts from the head registration).
 REFINE_LEVELS_MM = (4.0, 2.0)
+#: Smallest head scan the workflow accepts, per axis: the registration pyramid shrinks the image down to ~8 mm
+#: voxels (ITK needs a few voxels per axis at that level), and an adult brain spans >= ~120 mm on every axis,
+#: so a field of view below 80 mm cannot hold one.
+MIN_HEAD_VOXELS = 16
+MIN_HEAD_EXTENT_MM = 80.0
+
+
+def check_head_size(shape: tuple[int, ...], affine: np.ndarray, *, uri: str) -> None:
+    """Refuse a scan too small to be a whole head before ITK sees it (``too_small``; ITK fails with an
+    internal error on e.g. a 6^3 volume)."""
+    spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    extent = np.asarray(shape[:3], dtype=np.float64) * spacing
+    if min(shape[:3]) < MIN_HEAD_VOXELS or float(extent.min()) < MIN_HEAD_EXTENT_MM:
+        raise InputError(
+            f"{uri!r} is too small for the brain workflow: shape {tuple(int(n) for n in shape[:3])}, field of view "
+            f"{tuple(round(float(e), 1) for e in extent)} mm; a whole-head T1 needs at least {MIN_HEAD_VOXELS} voxels "
+            f"and {MIN_HEAD_EXTENT_MM:.0f} mm along every axis.",
+            code="too_small",
+            hint="Pass the whole-head T1 scan; for an image already aligned to the template use --brain-preprocess none.",
+            uri=uri, shape=[int(n) for n in shape[:3]], extent_mm=[round(float(e), 3) for e in extent],
+        )
 
 
 @dataclass
@@ -80,12 +101,13 @@ def prepare_brain(array: np.ndarray, affine: np.ndarray, image: nib.Nifti1Image,
         ``(image on the template grid (template X, Y, Z) float32 in [0, 1], record)``.
 
     Raises:
-        InputError: ``not_t1_like``, ``skull_strip_failed`` / ``skull_strip_tool_missing``, ``empty_brain_mask``,
+        InputError: ``too_small`` (see :func:`check_head_size`), ``not_t1_like``, ``skull_strip_failed`` / ``skull_strip_tool_missing``, ``empty_brain_mask``,
         ``registration_failed`` (brain volume or correlation outside the configured range).
     """
     timings: dict[str, float] = {}
-    template = _template(cfg, storage_options or {})
     check_t1_like(array, uri=uri)
+    check_head_size(array.shape, affine, uri=uri)
+    template = _template(cfg, storage_options or {})
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     initial = None
     with timed(timings, "skullstrip"):

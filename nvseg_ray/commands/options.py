@@ -17,7 +17,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _classes(text: str) -> list[int | str]:
-    return [int(t) if t.isdigit() else t for t in _csv(text)]
+    from ..labels import parse_class_list
+
+    return parse_class_list(text)
 
 
 def _points(text: str) -> list[tuple[float, float, float]]:
