@@ -8,6 +8,8 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -73,34 +75,46 @@ def file_server(volumes):
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def service(tiny_checkpoint, volumes, template_paths):
+@contextmanager
+def running_service(args: dict) -> Iterator[str]:
+    """serve.run the app with ``args`` on a free loopback port until it is ready; yields its base URL."""
     from ray import serve
 
     from serve_apps.app import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="nvseg", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        yield url
+    finally:
+        serve.shutdown()
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v1/health/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail("the service did not become ready")
+
+
+@pytest.fixture(scope="module")
+def service(tiny_checkpoint, volumes, template_paths):
     args = {"checkpoint": tiny_checkpoint, "patch_size": list(TEST_PATCH), "device": "cpu", "max_upload_mb": 1.0,
             "request_timeout_s": TIMEOUT_S, "allowed_hosts": ["127.0.0.1"], "allow_private_networks": True,
             # the s3_bucket fixture's buckets, and the README examples' s3://bucket/ct (in) and s3://bucket/jobs (out)
             "allowed_input_prefixes": ["s3://nvseg-test-*", "s3://bucket/ct"],
             "allowed_output_prefixes": ["s3://nvseg-test-*", "s3://bucket/jobs"],
             "brain": {"template": template_paths[0], "template_mask": template_paths[1]}}
-    serve.run(build_app(args), name="nvseg", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/health/ready", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("the service did not become ready")
-    yield url
-    serve.shutdown()
+    with running_service(args) as url:
+        yield url
 
 
 def engine_labels(checkpoint: str, path: Path, **prompts) -> np.ndarray:
