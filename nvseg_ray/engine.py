@@ -17,7 +17,7 @@ import torch
 
 from .config import InferenceConfig
 from .errors import ConfigError, PromptError
-from .inference import check_window_count, resolve_device, segment_classes, segment_points
+from .inference import ShouldStop, check_window_count, resolve_device, segment_classes, segment_points
 from .labels import LabelCatalog
 from .model import LoadedModel, checkpoint_label_info, load_model
 from .postprocess import cast_labels, invert_labels, label_statistics
@@ -178,8 +178,11 @@ class Segmenter:
             return prepared
 
     def infer(self, prepared: PreparedVolume, prompts: Prompts | None = None,
-              timings: dict[str, float] | None = None) -> torch.Tensor:
-        """Run the network (GPU when available). Returns [H, W, D] int64 global ids on the CPU."""
+              timings: dict[str, float] | None = None, should_stop: ShouldStop | None = None) -> torch.Tensor:
+        """Run the network (GPU when available). Returns [H, W, D] int64 global ids on the CPU.
+
+        ``should_stop`` is polled before every window; True raises :class:`~nvseg_ray.inference.StopRequested`.
+        """
         prompts = self._prompts(prompts)
         model = self.model  # load outside the timer on first use
         with timed(timings if timings is not None else {}, "infer"):
@@ -190,9 +193,10 @@ class Segmenter:
             if prompts.with_points:
                 assert prepared.points is not None and prepared.point_labels is not None
                 labels = segment_points(model.network, image, prompts.class_ids[0], prepared.points,
-                                        prepared.point_labels, self.cfg, self.device)
+                                        prepared.point_labels, self.cfg, self.device, should_stop=should_stop)
             else:
-                labels = segment_classes(model.network, image, prompts.class_ids, self.cfg, self.device)
+                labels = segment_classes(model.network, image, prompts.class_ids, self.cfg, self.device,
+                                         should_stop=should_stop)
             return labels.cpu()
 
     def finish(self, labels: torch.Tensor, prepared: PreparedVolume, volume: ValidatedVolume,

@@ -19,12 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
 
 from .config import InferenceConfig
+
+#: ``() -> bool``, polled before every window: True stops the work with :class:`StopRequested`.
+ShouldStop = Callable[[], bool]
+
+
+class StopRequested(Exception):  # noqa: N818 - a signal, not an error
+    """Raised inside inference when its ``should_stop`` callable returns True (the request is gone)."""
+
+
+def _check(should_stop: ShouldStop | None) -> None:
+    if should_stop is not None and should_stop():
+        raise StopRequested
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,11 +113,13 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
 class AutoFeatures(torch.nn.Module):
     """``x -> class_head.image_post_mapping(auto_branch(x))``: [B, C_in, h, w, d] -> [B, F, h, w, d] float32."""
 
-    def __init__(self, network: torch.nn.Module) -> None:
+    def __init__(self, network: torch.nn.Module, should_stop: ShouldStop | None = None) -> None:
         super().__init__()
         self.network = network
+        self.should_stop = should_stop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check(self.should_stop)
         _, auto = self.network.image_encoder(x, with_point=False, with_label=True)
         return self.network.class_head.image_post_mapping(auto).float()
 
@@ -120,8 +134,21 @@ def class_embeddings(network: torch.nn.Module, class_ids: Sequence[int], device:
     return emb[:, 0, :].float()
 
 
+class _StoppablePredictor(torch.nn.Module):
+    """The network for the point window inferer, polling ``should_stop`` before every window."""
+
+    def __init__(self, network: torch.nn.Module, should_stop: ShouldStop) -> None:
+        super().__init__()
+        self.network = network
+        self.should_stop = should_stop
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - the network's own signature
+        _check(self.should_stop)
+        return self.network(*args, **kwargs)
+
+
 def stitched_features(network: torch.nn.Module, image: torch.Tensor, cfg: InferenceConfig,
-                      device: torch.device) -> torch.Tensor:
+                      device: torch.device, should_stop: ShouldStop | None = None) -> torch.Tensor:
     """Sliding-window the automatic branch over ``image`` [1, C, H, W, D] -> features [F, H, W, D] float32.
 
     The features stay on ``device`` (stitching on the GPU when there is one, like upstream's
@@ -132,7 +159,7 @@ def stitched_features(network: torch.nn.Module, image: torch.Tensor, cfg: Infere
             image.to(device),
             roi_size=cfg.patch_size,
             sw_batch_size=cfg.sw_batch_size,
-            predictor=AutoFeatures(network),
+            predictor=AutoFeatures(network, should_stop),
             overlap=cfg.overlap,
             mode="constant",
             padding_mode="replicate",
@@ -173,18 +200,19 @@ def argmax_over_classes(features: torch.Tensor, embeddings: torch.Tensor, class_
 
 @torch.inference_mode()
 def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Sequence[int], cfg: InferenceConfig,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, should_stop: ShouldStop | None = None) -> torch.Tensor:
     """Automatic (class-prompt) segmentation on the model grid.
 
     Args:
         network: a VISTA3D network already on ``device``.
         image: [1, C, H, W, D] float32 preprocessed volume.
         class_ids: global class ids (already resolved and subclass-expanded), prompt order.
+        should_stop: polled before every sliding window; True raises :class:`StopRequested`.
 
     Returns:
         [H, W, D] int64 label map (global ids) on ``device``.
     """
-    features = stitched_features(network, image, cfg, device)
+    features = stitched_features(network, image, cfg, device, should_stop)
     embeddings = class_embeddings(network, class_ids, device)
     return argmax_over_classes(features, embeddings, class_ids, cfg.class_chunk_size)
 
@@ -192,7 +220,8 @@ def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Se
 @torch.inference_mode()
 def segment_points(network: torch.nn.Module, image: torch.Tensor, class_id: int, points: torch.Tensor,
                    point_labels: torch.Tensor, cfg: InferenceConfig, device: torch.device,
-                   special_index: Sequence[int] = (25, 26, 27, 28, 29, 117)) -> torch.Tensor:
+                   special_index: Sequence[int] = (25, 26, 27, 28, 29, 117),
+                   should_stop: ShouldStop | None = None) -> torch.Tensor:
     """Point-prompted segmentation of one object through the point head (MONAI's point window inferer).
 
     Unvalidated for the NV-Segment-CTMR weights (upstream documents CTMR as "automatic only").
@@ -202,6 +231,7 @@ def segment_points(network: torch.nn.Module, image: torch.Tensor, class_id: int,
         class_id: the object's global class id (> 132 is zero-shot: the point head runs alone).
         points: [N, 3] model-grid voxel coordinates.
         point_labels: [N] 1 positive / 0 negative.
+        should_stop: polled before every point window; True raises :class:`StopRequested`.
 
     Returns:
         [H, W, D] int64 map with ``class_id`` where the logit > 0, else 0. Voxels no window covered are
@@ -218,7 +248,7 @@ def segment_points(network: torch.nn.Module, image: torch.Tensor, class_id: int,
         logits = point_based_window_inferer(
             inputs=image.to(device),
             roi_size=cfg.patch_size,
-            predictor=network,
+            predictor=network if should_stop is None else _StoppablePredictor(network, should_stop),
             point_coords=points[None].to(device),
             point_labels=labels[None].to(device),
             class_vector=class_vector,

@@ -17,6 +17,8 @@ Routes: ``GET /v1/health/live``, ``GET /v1/health/ready``, ``GET /v1/vista3d/inf
 
 import asyncio
 import json
+import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -25,16 +27,20 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import BackPressureError, RayServeException
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nvseg_ray import __version__
 from nvseg_ray.errors import ConfigError, InputError, NvsegError, PromptError, StorageError
 from nvseg_ray.output import mask_image, refuse_existing, write_result
-from nvseg_ray.redaction import redact
+from nvseg_ray.redaction import redact, redact_text
 from nvseg_ray.serving.auth import AuthGate, BearerAuthMiddleware
-from nvseg_ray.serving.encode import MEDIA_TYPES, nifti_gz, nrrd_zip
-from nvseg_ray.serving.fetch import PayloadTooLarge, fetch_image
+from nvseg_ray.serving.encode import MEDIA_TYPES, content_disposition, nifti_gz, nrrd_zip
+from nvseg_ray.serving.fetch import PayloadTooLarge, check_source, fetch_image
 from nvseg_ray.serving.prefixes import check_output_uri
+from nvseg_ray.serving.jobs import JobsFull, JobTable
+from nvseg_ray.serving import limits as body_limits
 from nvseg_ray.serving.service import (
     InferenceRequest,
     JobRequest,
@@ -42,14 +48,19 @@ from nvseg_ray.serving.service import (
     PreparedRequest,
     RequestProcessor,
     ServeSettings,
+    check_points,
     error_body,
+    parse_form_labels,
     parse_form_list,
     parse_form_points,
     prompt_fields,
 )
 
+log = logging.getLogger("nvseg_ray.serve")
 api = FastAPI(title="nvseg-ray", version=__version__,
               description="NV-Segment-CTMR (VISTA3D) segmentation; NIM-compatible inference API.")
+# body caps (413 before/while a body arrives), configured from ServeSettings when the Gateway starts
+api.add_middleware(body_limits.BodyLimit)
 #: bearer-token check of this process's app (ServeSettings.auth_tokens_file), set when the Gateway starts; added
 #: last, so it is the outermost middleware: a request without a valid token is answered before its body is read.
 AUTH = AuthGate()
@@ -81,6 +92,23 @@ class JobNotFinished(NvsegError):
     http_status = 409
 
 
+class ModelUnavailable(NvsegError):
+    """The model replica died, restarted or failed on the request (details only in the server log)."""
+
+    code = "model_unavailable"
+    http_status = 503
+
+
+#: Starlette/FastAPI's own HTTP errors (unknown route, wrong method, unparsable body) as our error codes.
+_HTTP_ERRORS: dict[int, tuple[str, str, str]] = {
+    400: ("bad_request", "the request body could not be parsed",
+          "uploads: multipart/form-data with a boundary (curl -F file=@scan.nii.gz); other routes: a JSON object"),
+    404: ("not_found", "no such route", "see /docs for the routes of this service"),
+    405: ("method_not_allowed", "this route does not accept that method", "see /docs for the routes' methods"),
+    413: ("payload_too_large", "the request body is too large", "send a smaller body"),
+}
+
+
 def http_status(err: NvsegError) -> int:
     """The HTTP status of a user-facing error (5xx only for server-side problems)."""
     explicit = getattr(err, "http_status", None)
@@ -98,7 +126,7 @@ def http_status(err: NvsegError) -> int:
 def error_response(err: NvsegError, retry_after_s: float | None = None) -> JSONResponse:
     status = http_status(err)
     headers = {"Retry-After": str(max(1, round(retry_after_s)))} if status == 503 and retry_after_s is not None else None
-    return JSONResponse(error_body(err), status_code=status, headers=headers)
+    return JSONResponse(error_body(err, status), status_code=status, headers=headers)
 
 
 @api.exception_handler(NvsegError)
@@ -119,10 +147,45 @@ async def _invalid_request(_: Request, err: RequestValidationError) -> JSONRespo
     return JSONResponse(body, status_code=422)
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    code, message, hint = _HTTP_ERRORS.get(err.status_code, (f"http_{err.status_code}", "the request failed",
+                                                             "see /docs for the API"))
+    if err.status_code == 404:
+        message = f"no route {request.method} {request.url.path[:200]}"
+    elif err.status_code == 405:
+        message = f"{request.url.path[:200]} does not accept {request.method}"
+        allowed = (err.headers or {}).get("Allow")
+        hint = f"use {allowed}" if allowed else hint
+    return JSONResponse({"error": {"code": code, "message": message, "hint": hint}}, status_code=err.status_code,
+                        headers=err.headers)
+
+
+def internal_error_response(err: BaseException) -> JSONResponse:
+    """500 without the exception's text (it is logged, redacted, under a request id the client can quote)."""
+    request_id = uuid.uuid4().hex[:16]
+    log.error("internal error (request id %s): %s", request_id, redact_text(f"{type(err).__name__}: {err}"))
+    body = {"error": {"code": "internal_error", "message": "the service failed on this request",
+                      "hint": f"tell the operator, quoting request id {request_id}", "request_id": request_id}}
+    return JSONResponse(body, status_code=500, headers={"X-Request-ID": request_id})
+
+
 @api.exception_handler(Exception)
 async def _internal(_: Request, err: Exception) -> JSONResponse:
-    body = {"error": {"code": "internal_error", "message": f"{type(err).__name__}: {err}"}}
-    return JSONResponse(body, status_code=500)
+    return internal_error_response(err)
+
+
+def model_error(err: BaseException) -> NvsegError:
+    """A Ray/Serve failure of the model call as a user-facing error: the replica's own NvsegError (a
+    RayTaskError wraps it), else 503 ``model_unavailable`` without internals (logged under a request id)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(err, RayTaskError) and isinstance(cause, NvsegError):
+        return cause
+    request_id = uuid.uuid4().hex[:16]
+    log.error("model call failed (request id %s): %s", request_id,
+              redact_text(f"{type(err).__name__}: {err}")[:4000])
+    return ModelUnavailable(f"the model replica could not complete this request (request id {request_id})",
+                            hint="retry after the Retry-After delay; if it persists, tell the operator")
 
 
 @serve.deployment(name="Model", max_ongoing_requests=2, max_queued_requests=8, health_check_period_s=10)
@@ -132,8 +195,14 @@ class ModelDeployment:
     def __init__(self, args: dict[str, Any]) -> None:
         self.worker = ModelWorker(ServeSettings.from_args(args))
 
-    async def infer(self, prepared, prompts):  # noqa: ANN001 - PreparedVolume, Prompts
-        return await asyncio.to_thread(self.worker.infer, prepared, prompts)
+    async def infer(self, prepared, prompts, deadline: float | None = None):  # noqa: ANN001 - PreparedVolume, Prompts
+        """Runs in a thread; a cancelled request (its caller timed out or went away) stops at the next window."""
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(self.worker.infer, prepared, prompts, deadline, stop)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     def info(self) -> dict[str, Any]:
         return self.worker.info()
@@ -146,15 +215,18 @@ class ModelDeployment:
 class JobStore:
     """In-memory job table shared by all ingress replicas (results themselves live in object storage)."""
 
-    def __init__(self) -> None:
-        self.jobs: dict[str, dict[str, Any]] = {}
+    def __init__(self, args: dict[str, Any] | None = None) -> None:
+        settings = ServeSettings.from_args(args) if args else None
+        self.table = JobTable(lease_s=settings.job_lease_s if settings else 60.0)
 
     def put(self, job: dict[str, Any]) -> None:
-        job = redact(job)  # image / output_uri / error texts: no user-info, no signatures (shown by GET /v1/jobs)
-        self.jobs[job["job_id"]] = {**self.jobs.get(job["job_id"], {}), **job, "updated": time.time()}
+        self.table.put(redact(job))  # image / output_uri / error texts: no user-info, no signatures (GET /v1/jobs)
+
+    def heartbeat(self, owner: str) -> None:
+        self.table.heartbeat(owner)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        return self.jobs.get(job_id)
+        return self.table.get(job_id)
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=32)
@@ -168,10 +240,25 @@ class Gateway:
         self.model, self.jobs = model, jobs
         self.inflight = 0
         self._tasks: set[asyncio.Task] = set()
+        body_limits.configure(json_limit=int(self.settings.max_json_kb * 1024),
+                              upload_limit=int(self.settings.max_upload_mb * 2**20),
+                              upload_paths=frozenset({"/v1/segment"}))
+        self.owner = uuid.uuid4().hex  # this replica, as the owner of the jobs it runs
+        self._job_slots: asyncio.Semaphore | None = None
+        self._heartbeat: asyncio.Task | None = None
+
+    async def _beat(self) -> None:
+        """Tell the JobStore this replica is alive (its jobs are orphaned when the beats stop)."""
+        while True:
+            try:
+                await self.jobs.heartbeat.remote(self.owner)
+            except Exception:  # noqa: BLE001 - the JobStore restarting; beat again next period
+                log.warning("job heartbeat failed", exc_info=True)
+            await asyncio.sleep(max(0.2, self.settings.job_lease_s / 4))
 
     # -- plumbing -----------------------------------------------------------------------------------
-    async def _admitted(self, work):  # noqa: ANN001, ANN202 - coroutine factory
-        """Admission control + request timeout around one request's work."""
+    async def _admitted(self, work):  # noqa: ANN001, ANN202 - coroutine factory taking the deadline
+        """Admission control + request timeout around one request's work (``work(deadline)``, a time.time())."""
         if self.inflight >= self.settings.max_inflight:
             return error_response(ServiceUnavailable(
                 f"the service is busy ({self.inflight} requests in progress on this replica)",
@@ -179,7 +266,8 @@ class Gateway:
                 retry_after_s=self.settings.retry_after_s)
         self.inflight += 1
         try:
-            return await asyncio.wait_for(work(), timeout=self.settings.request_timeout_s)
+            return await asyncio.wait_for(work(time.time() + self.settings.request_timeout_s),
+                                          timeout=self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             return error_response(RequestTimeout(f"the request took longer than {self.settings.request_timeout_s:g}s",
                                                  hint="use POST /v1/jobs for large volumes"))
@@ -188,14 +276,17 @@ class Gateway:
         finally:
             self.inflight -= 1
 
-    async def _segment(self, raw: bytes, name: str, fields: dict[str, Any]):  # noqa: ANN202
+    async def _segment(self, raw: bytes, name: str, fields: dict[str, Any],  # noqa: ANN202
+                       deadline: float | None = None):
         cfg, prompts = self.processor.config_for(fields)
         request: PreparedRequest = await asyncio.to_thread(self.processor.prepare, raw, name, cfg, prompts)
         try:
-            labels, infer_s = await self.model.infer.remote(request.prepared, prompts)
+            labels, infer_s = await self.model.infer.remote(request.prepared, prompts, deadline)
         except BackPressureError:
             raise ServiceUnavailable("the model replicas are saturated (max_queued_requests reached)",
                                      hint="retry after the Retry-After delay") from None
+        except (RayError, RayServeException) as err:
+            raise model_error(err) from None
         request.timings["infer"] = infer_s
         result = await asyncio.to_thread(self.processor.finish, request, labels)
         return request, result
@@ -230,10 +321,10 @@ class Gateway:
             names = json.dumps({str(r["id"]): r["name"] for r in table}, separators=(",", ":"))
             return Response(nifti_gz(mask_image(result)), media_type=MEDIA_TYPES["nifti"],
                             headers={"X-Nvseg-Labels": names,
-                                     "Content-Disposition": f'attachment; filename="{request.name}_seg.nii.gz"'})
+                                     "Content-Disposition": content_disposition(f"{request.name}_seg.nii.gz")})
         body = nrrd_zip(result.labels, mask_image(result).affine, request.name, table)
         return Response(body, media_type=MEDIA_TYPES["nrrd_zip"],
-                        headers={"Content-Disposition": f'attachment; filename="{request.name}_seg.zip"'})
+                        headers={"Content-Disposition": content_disposition(f"{request.name}_seg.zip")})
 
     # -- routes ---------------------------------------------------------------------------------------
     @api.get("/v1/health/live")
@@ -259,11 +350,12 @@ class Gateway:
 
     @api.post("/v1/vista3d/inference")
     async def inference(self, body: InferenceRequest) -> Response:
-        async def work() -> Response:
-            fields = prompt_fields(body.prompts, body.modality, self.settings.default_modality)
+        async def work(deadline: float) -> Response:
+            fields = prompt_fields(body.prompts, body.modality, self.settings.default_modality,
+                                   self.settings.max_points)
             self.processor.config_for(fields)  # unknown classes fail before any download
             raw = await self._fetch(body.image)
-            request, result = await self._segment(raw, body.image, fields)
+            request, result = await self._segment(raw, body.image, fields, deadline)
             return self._respond(result, request, body.output.format)
 
         return await self._admitted(work)
@@ -273,25 +365,30 @@ class Gateway:
                       classes: str | None = Form(None), points: str | None = Form(None),
                       point_labels: str | None = Form(None), output: str = Form("nifti"),
                       output_uri: str | None = Form(None)) -> Response:
-        async def work() -> Response:
+        async def work(deadline: float) -> Response:
             limit = int(self.settings.max_upload_mb * 2**20)
             declared = int(http.headers.get("content-length") or 0)
             if declared > limit + 64 * 1024:
-                raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {limit} bytes")
+                raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {limit} bytes",
+                                      hint="send a gzip-compressed volume, or POST /v1/jobs with an s3:// URI")
             raw = await file.read(limit + 1)
             if len(raw) > limit:
-                raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+                raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes",
+                                      hint="send a gzip-compressed volume, or POST /v1/jobs with an s3:// URI")
             if output not in ("nifti", "nrrd_zip", "json"):
                 raise ConfigError(f"unknown output '{output}'", hint="use nifti, nrrd_zip or json")
             pts = parse_form_points(points)
-            labels = [int(x) for x in (parse_form_list(point_labels) or [])] or None
+            labels = parse_form_labels(point_labels)
+            if labels is not None and pts is None:
+                raise PromptError("point_labels given without points", hint="add points=i,j,k;i,j,k")
             fields = prompt_fields(None, modality, self.settings.default_modality)
             if parse_form_list(classes):
                 fields["classes"] = parse_form_list(classes)
             if pts is not None:
+                check_points(pts, labels, self.settings.max_points)
                 fields |= {"points": pts, "point_labels": labels or [1] * len(pts)}
             target = await self._check_output_uri(output_uri) if output_uri else None  # canonical
-            request, result = await self._segment(raw, file.filename or "upload.nii.gz", fields)
+            request, result = await self._segment(raw, file.filename or "upload.nii.gz", fields, deadline)
             if target:
                 report = await self._write(result, request, target, f"upload:{file.filename}")
                 return JSONResponse({"output_uri": target, "report": report, "labels": result.statistics})
@@ -301,11 +398,19 @@ class Gateway:
 
     @api.post("/v1/jobs", status_code=202)
     async def submit(self, body: JobRequest) -> JSONResponse:
-        fields = prompt_fields(body.prompts, body.modality, self.settings.default_modality)
+        if len(self._tasks) >= self.settings.max_jobs:  # admission: refuse now rather than fail later
+            return error_response(JobsFull(
+                f"this service replica already holds {len(self._tasks)} queued or running jobs "
+                f"(limit {self.settings.max_jobs})", hint="retry after the Retry-After delay"),
+                retry_after_s=self.settings.retry_after_s)
+        fields = prompt_fields(body.prompts, body.modality, self.settings.default_modality, self.settings.max_points)
         self.processor.config_for(fields)
         body.output_uri = await self._check_output_uri(body.output_uri)  # the canonical URI is what gets written
+        await asyncio.to_thread(check_source, body.image, self.policy)  # file://, loopback ... refused now
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._beat())
         job_id = uuid.uuid4().hex
-        await self.jobs.put.remote({"job_id": job_id, "status": "queued", "image": body.image,
+        await self.jobs.put.remote({"job_id": job_id, "status": "queued", "image": body.image, "owner": self.owner,
                                     "output_uri": body.output_uri, "created": time.time()})
         task = asyncio.create_task(self._run_job(job_id, body, fields))
         self._tasks.add(task)
@@ -314,18 +419,22 @@ class Gateway:
                             status_code=202)
 
     async def _run_job(self, job_id: str, body: JobRequest, fields: dict[str, Any]) -> None:
-        await self.jobs.put.remote({"job_id": job_id, "status": "running"})
+        if self._job_slots is None:
+            self._job_slots = asyncio.Semaphore(self.settings.job_concurrency)
         try:
-            raw = await self._fetch(body.image)
-            request, result = await self._segment(raw, body.image, fields)
-            report = await self._write(result, request, body.output_uri, body.image)
+            async with self._job_slots:  # at most job_concurrency jobs per replica reach the model at once
+                await self.jobs.put.remote({"job_id": job_id, "status": "running", "owner": self.owner})
+                raw = await self._fetch(body.image)
+                request, result = await self._segment(raw, body.image, fields)
+                report = await self._write(result, request, body.output_uri, body.image)
             await self.jobs.put.remote({"job_id": job_id, "status": "succeeded", "report": report,
                                         "report_uri": body.output_uri[: -len(".nii.gz")] + ".json"})
         except NvsegError as err:
-            await self.jobs.put.remote({"job_id": job_id, "status": "failed", "error": err.to_dict()})
-        except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost
             await self.jobs.put.remote({"job_id": job_id, "status": "failed",
-                                        "error": {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}})
+                                        "error": error_body(err, http_status(err))["error"]})
+        except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost; text only in the log
+            body_ = json.loads(internal_error_response(exc).body)
+            await self.jobs.put.remote({"job_id": job_id, "status": "failed", "error": body_["error"]})
 
     @api.get("/v1/jobs/{job_id}")
     async def job(self, job_id: str) -> dict[str, Any]:
@@ -354,4 +463,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     options: dict[str, Any] = {"ray_actor_options": {"num_gpus": gpus}} if gpus else {}
     settings_args = dict(args)
     model = ModelDeployment.options(**options).bind(settings_args)
-    return Gateway.bind(model, JobStore.bind(), settings_args)
+    return Gateway.bind(model, JobStore.bind(settings_args), settings_args)

@@ -8,17 +8,20 @@ ingress replicas, only :meth:`ModelWorker.infer` in the model replicas.
 
 from __future__ import annotations
 
+import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
 from ..config import DEFAULT_PATCH_SIZE, BrainConfig, InferenceConfig, validate_config
 from ..engine import Prompts, SegmentationResult, Segmenter, resolve_prompts
+from ..inference import StopRequested
 from ..errors import NvsegError, PromptError
 from ..io import decode_nifti, uri_stem
 from ..labels import MODALITIES, LabelCatalog
@@ -28,6 +31,7 @@ from ..validation import VolumeLimits, validate_nifti
 from ..redaction import redact
 from .fetch import FetchPolicy
 from .prefixes import parse_prefixes
+from .limits import DEFAULT_MAX_JSON_KB
 
 OutputFormat = Literal["nrrd_zip", "nifti", "json"]
 
@@ -36,6 +40,14 @@ DEFAULT_MAX_UPLOAD_MB = 512
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_RETRY_AFTER_S = 5.0
+#: each point prompt runs its own patch window through the point head; 800 points kept a CPU replica busy ~4 min.
+DEFAULT_MAX_POINTS = 64
+#: queued + running async jobs per ingress replica (beyond: 503 at submit, not a failure later).
+DEFAULT_MAX_JOBS = 16
+#: jobs of one ingress replica that run at once (the rest wait "queued"; keeps the model queue from overflowing).
+DEFAULT_JOB_CONCURRENCY = 2
+#: a queued/running job whose ingress replica has not heart-beaten for this long is failed as job_orphaned.
+DEFAULT_JOB_LEASE_S = 60.0
 
 
 class ServeSettings(BaseModel):
@@ -57,6 +69,11 @@ class ServeSettings(BaseModel):
     max_upload_mb: float = Field(DEFAULT_MAX_UPLOAD_MB, gt=0, description="413 above this (uploads and fetches)")
     request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, description="504 after this")
     max_inflight: int = Field(DEFAULT_MAX_INFLIGHT, ge=1, description="per ingress replica; 503 beyond")
+    max_json_kb: float = Field(DEFAULT_MAX_JSON_KB, gt=0, description="413 for larger JSON request bodies")
+    max_points: int = Field(DEFAULT_MAX_POINTS, ge=1, description="422 for more point prompts in one request")
+    max_jobs: int = Field(DEFAULT_MAX_JOBS, ge=1, description="queued + running jobs per ingress replica; 503 beyond")
+    job_concurrency: int = Field(DEFAULT_JOB_CONCURRENCY, ge=1, description="jobs running at once per ingress replica")
+    job_lease_s: float = Field(DEFAULT_JOB_LEASE_S, gt=0, description="jobs of a silent ingress replica fail after this")
     retry_after_s: float = Field(DEFAULT_RETRY_AFTER_S, ge=0, description="Retry-After on 503")
     allowed_schemes: tuple[str, ...] = ("http", "https", "s3")
     allowed_hosts: tuple[str, ...] = Field((), description="exact or *.suffix; empty = any public host")
@@ -98,13 +115,17 @@ class ServeSettings(BaseModel):
                                **prompt_fields)
 
 
+#: a point label: exactly the integer 1 (positive) or 0 (negative); 1.0, "1", true are refused.
+PointLabel = Annotated[int, Field(strict=True, ge=0, le=1)]
+
+
 class PromptsIn(BaseModel):
     """NIM ``prompts``: class names/ids, and/or points keyed by one class (voxel coords of the input)."""
 
     model_config = ConfigDict(extra="forbid")
     classes: list[int | str] | None = None
-    points: dict[str, list[tuple[float, float, float]]] | None = None
-    point_labels: list[int] | None = Field(None, description="extension: 1/0 per point (default all 1)")
+    points: dict[str, list[tuple[FiniteFloat, FiniteFloat, FiniteFloat]]] | None = None
+    point_labels: list[PointLabel] | None = Field(None, description="extension: 1/0 per point (default all 1)")
 
 
 class OutputIn(BaseModel):
@@ -128,8 +149,43 @@ class JobRequest(InferenceRequest):
     output_uri: str = Field(..., description="mask URI (.nii.gz) in object storage; the report lands next to it")
 
 
-def prompt_fields(prompts: PromptsIn | None, modality: str | None, default_modality: str) -> dict[str, Any]:
-    """InferenceConfig prompt fields for a request (points keyed by class become class + points)."""
+def class_key(text: str) -> int | str:
+    """A class given as text: ASCII decimal digits -> the id (``"3"`` -> 3), anything else -> the name.
+
+    ``str.isdigit`` is not enough: ``"²"`` passes it but ``int("²")`` raises.
+    """
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else text
+
+
+def check_points(points: list[tuple[float, float, float]], labels: list[int] | None, max_points: int) -> None:
+    """Refuse more than ``max_points`` points, non-finite coordinates, labels other than 0/1 or a count mismatch.
+
+    Raises:
+        PromptError: 422.
+    """
+    if len(points) > max_points:
+        raise PromptError(f"{len(points)} point prompts exceed this service's limit of {max_points}",
+                          hint="a few points per object are enough; split the work over several requests")
+    if not all(math.isfinite(c) for p in points for c in p):
+        raise PromptError("point coordinates must be finite numbers (got NaN or Infinity)",
+                          hint="give voxel coordinates i,j,k of the input volume")
+    if labels is not None:
+        if any(type(x) is not int or x not in (0, 1) for x in labels):
+            raise PromptError(f"point_labels must be 0 or 1, got {labels[:10]}", hint="1 = positive, 0 = negative")
+        if len(labels) != len(points):
+            raise PromptError(f"{len(points)} points but {len(labels)} point_labels",
+                              hint="give one label per point, or none (all positive)")
+
+
+def prompt_fields(prompts: PromptsIn | None, modality: str | None, default_modality: str,
+                  max_points: int = DEFAULT_MAX_POINTS) -> dict[str, Any]:
+    """InferenceConfig prompt fields for a request (points keyed by class become class + points).
+
+    Raises:
+        PromptError: unknown modality, points for more than one class, too many / non-finite points, bad labels,
+            point_labels without points.
+    """
     if modality is not None and modality.upper() not in MODALITIES:
         raise PromptError(f"unknown modality '{modality}'", hint=f"use one of {', '.join(MODALITIES)}")
     fields: dict[str, Any] = {"modality": (modality or default_modality).upper()}
@@ -140,11 +196,12 @@ def prompt_fields(prompts: PromptsIn | None, modality: str | None, default_modal
             raise PromptError(f"points must be given for exactly one class, got {len(prompts.points)}",
                               hint='e.g. "points": {"liver": [[120, 95, 40]]}')
         (name, pts), = prompts.points.items()
-        cls: int | str = int(name) if name.isdigit() else name
+        cls = class_key(name)
+        check_points(pts, prompts.point_labels, max_points)
         labels = prompts.point_labels or [1] * len(pts)
-        if len(labels) != len(pts):
-            raise PromptError(f"{len(pts)} points but {len(labels)} point_labels")
         return fields | {"classes": [cls], "points": [tuple(p) for p in pts], "point_labels": labels}
+    if prompts.point_labels is not None:
+        raise PromptError("point_labels given without points", hint='add "points": {"<class>": [[i, j, k], ...]}')
     if prompts.classes:
         fields["classes"] = list(prompts.classes)
     return fields
@@ -154,10 +211,15 @@ def parse_form_list(text: str | None) -> list[int | str] | None:
     """``"liver, 3"`` -> ``["liver", 3]`` (multipart form fields)."""
     if not text or not text.strip():
         return None
-    return [int(t) if t.strip().isdigit() else t.strip() for t in re.split(r"[,;]", text) if t.strip()]
+    return [class_key(t) for t in re.split(r"[,;]", text) if t.strip()]
 
 
 def parse_form_points(text: str | None) -> list[tuple[float, float, float]] | None:
+    """``"10,20,5; 12,20,5"`` -> ``[(10.0, 20.0, 5.0), (12.0, 20.0, 5.0)]`` (voxel i,j,k of the input volume).
+
+    Raises:
+        PromptError: a point without exactly 3 finite numbers.
+    """
     if not text or not text.strip():
         return None
     points = []
@@ -166,10 +228,30 @@ def parse_form_points(text: str | None) -> list[tuple[float, float, float]] | No
         try:
             if len(values) != 3:
                 raise ValueError
-            points.append(tuple(float(v) for v in values))
+            point = tuple(float(v) for v in values)
         except ValueError:
-            raise PromptError(f"a point needs 3 voxel coordinates 'i,j,k', got '{chunk}'") from None
+            raise PromptError(f"a point needs 3 voxel coordinates 'i,j,k', got '{chunk[:80]}'",
+                              hint="e.g. points=120,95,40;118,97,41") from None
+        if not all(math.isfinite(c) for c in point):
+            raise PromptError(f"point coordinates must be finite numbers, got '{chunk[:80]}'",
+                              hint="give voxel coordinates i,j,k of the input volume")
+        points.append(point)
     return points  # type: ignore[return-value]
+
+
+def parse_form_labels(text: str | None) -> list[int] | None:
+    """``"1,0,1"`` -> ``[1, 0, 1]``; anything but the digits 0 and 1 is refused.
+
+    Raises:
+        PromptError: a label other than ``0`` or ``1`` (``1.5``, ``yes``, ``²``).
+    """
+    if not text or not text.strip():
+        return None
+    labels = [t.strip() for t in re.split(r"[,;]", text) if t.strip()]
+    if any(t not in ("0", "1") for t in labels):
+        raise PromptError(f"point_labels must be 0 or 1, got '{text[:80]}'", hint="1 = positive, 0 = negative, "
+                          "one per point, e.g. point_labels=1,1,0")
+    return [int(t) for t in labels]
 
 
 @dataclass
@@ -199,7 +281,8 @@ class RequestProcessor:
         try:
             cfg = self.settings.inference_config(**fields)
         except ValidationError as exc:
-            raise PromptError("invalid prompts: " + "; ".join(e["msg"] for e in exc.errors())) from None
+            raise PromptError("invalid prompts: " + "; ".join(e["msg"] for e in exc.errors()),
+                              hint="see /docs for the prompt fields and GET /v1/vista3d/info for the classes") from None
         return cfg, resolve_prompts(cfg, self.catalog)
 
     def prepare(self, raw: bytes, name: str, cfg: InferenceConfig, prompts: Prompts) -> PreparedRequest:
@@ -224,11 +307,31 @@ class ModelWorker:
         self.segmenter = Segmenter(settings.inference_config(modality=settings.default_modality), model=model)
         self.segmenter.model  # load once per replica, at start-up
 
-    def infer(self, prepared: PreparedVolume, prompts: Prompts) -> tuple[np.ndarray, float]:
-        """[H, W, D] uint16 labels on the model grid and the seconds spent."""
+    def infer(self, prepared: PreparedVolume, prompts: Prompts, deadline: float | None = None,
+              stop: threading.Event | None = None) -> tuple[np.ndarray, float]:
+        """[H, W, D] uint16 labels on the model grid and the seconds spent.
+
+        Args:
+            deadline: ``time.time()`` after which the request is gone (its caller timed out): work not started by
+                then is refused, and running work stops at its next window.
+            stop: set when the caller went away (cancelled); running work stops at its next window.
+
+        Raises:
+            WorkAbandoned: the deadline passed or ``stop`` was set (504; nobody waits for the result).
+        """
+        def should_stop() -> bool:
+            return (stop is not None and stop.is_set()) or (deadline is not None and time.time() > deadline)
+
+        if should_stop():
+            raise WorkAbandoned("the request's deadline passed before the model started on it",
+                                hint="retry later, or use POST /v1/jobs for large volumes")
         timings: dict[str, float] = {}
         # the point path reads cfg.points via the prepared volume; the engine's cfg only sets sizes/device
-        labels = self.segmenter.infer(prepared, prompts, timings)
+        try:
+            labels = self.segmenter.infer(prepared, prompts, timings, should_stop=should_stop)
+        except StopRequested:
+            raise WorkAbandoned("the request timed out or was cancelled; the model stopped working on it",
+                                hint="use POST /v1/jobs for large volumes") from None
         return labels.to(torch.int32).numpy().astype(np.uint16), timings.get("infer", 0.0)
 
     def info(self) -> dict[str, Any]:
@@ -237,6 +340,44 @@ class ModelWorker:
                 "embed_dim": model.architecture.embed_dim, "device": str(self.segmenter.device)}
 
 
-def error_body(err: NvsegError) -> dict[str, Any]:
-    """``{"error": {"code", "message", "hint", ...}}`` with every URI in it redacted (no user-info, no signatures)."""
-    return {"error": redact(err.to_dict())}
+class WorkAbandoned(NvsegError):
+    """Model work was refused or stopped because its request is gone (deadline passed or cancelled)."""
+
+    code = "request_timeout"
+    http_status = 504
+
+
+#: hints for errors raised without one, by code, then by HTTP status family (every error body has a hint).
+DEFAULT_HINTS: dict[str, str] = {
+    "invalid_prompt": "see GET /v1/vista3d/info for the class names and ids of each modality",
+    "invalid_config": "see /docs for the request fields and their allowed values",
+    "invalid_input": "send a readable 3-D NIfTI volume (.nii or .nii.gz)",
+    "storage_error": "check the URI, that the object exists and that the service may read/write it",
+    "image_fetch_failed": "check that the image URI exists and is reachable from the service",
+    "url_not_allowed": "use an allowed scheme and host (ask the operator for the allow-list)",
+    "payload_too_large": "send a smaller (gzip-compressed) volume or use an object-storage URI with POST /v1/jobs",
+    "request_timeout": "use POST /v1/jobs for large volumes",
+    "overloaded": "retry after the Retry-After delay",
+    "model_unavailable": "retry after the Retry-After delay; if it persists, tell the operator",
+    "internal_error": "tell the operator, quoting the request id",
+}
+
+
+def default_hint(err: NvsegError, status: int = 422) -> str:
+    """``err.hint``, else a hint for its code, else one for its HTTP status family."""
+    if err.hint:
+        return err.hint
+    if err.code in DEFAULT_HINTS:
+        return DEFAULT_HINTS[err.code]
+    if status >= 500:
+        return DEFAULT_HINTS["model_unavailable" if status == 503 else "internal_error"]
+    return "check the request against the API description at /docs"
+
+
+def error_body(err: NvsegError, status: int = 422, request_id: str | None = None) -> dict[str, Any]:
+    """``{"error": {"code", "message", "hint", ...details}}`` -- always with a hint; ``request_id`` when given."""
+    out = err.to_dict()
+    out["hint"] = default_hint(err, status)
+    if request_id:
+        out["request_id"] = request_id
+    return {"error": redact(out)}  # every URI in it: no user-info, no signature/token values
