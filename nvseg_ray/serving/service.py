@@ -289,7 +289,7 @@ class RequestProcessor:
         """Decode, validate and preprocess (raises InputError for bad volumes)."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        volume = validate_nifti(decode_nifti(raw, uri=name), uri=name, limits=self.limits)
+        volume = validate_nifti(decode_nifti(raw, uri=name, max_voxels=self.limits.max_voxels), uri=name, limits=self.limits)
         timings["read"] = time.perf_counter() - start
         prepared = Segmenter(cfg, catalog=self.catalog).prepare(volume, timings, modality=prompts.modality)
         return PreparedRequest(cfg, prompts, prepared, volume, uri_stem(name) or "image", timings)
