@@ -25,7 +25,7 @@ try:  # a checkout used without `pip install -e .`
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvseg_ray.cli import guarded
+from nvseg_ray.boundary import guarded
 from nvseg_ray.training.config import TrainConfig
 
 

@@ -1,8 +1,11 @@
 """``nvseg`` command line: ``segment``, ``batch``, ``labels``, ``weights``, ``client``.
 
-Exit codes: 0 success; 1 unexpected internal error; 2 invalid options, config, classes or modality;
-3 one or more input volumes failed (the others were written); 4 checkpoint / weights problem;
-5 storage (path / object-store) problem; 130 interrupted.
+Exit codes (:mod:`nvseg_ray.errors`, ``EXIT_*``): 0 success; 1 unexpected internal error; 2 invalid options,
+config, classes or modality; 3 one or more input volumes failed (the others were written); 4 checkpoint /
+weights problem; 5 storage (path / object-store) problem; 130 interrupted.
+
+Every sub-command is an ordinary argparse sub-parser (``commands/<name>.py``: ``register``), run behind the one
+error boundary :func:`nvseg_ray.boundary.guarded`; ``--debug`` works before or after the sub-command.
 """
 
 from __future__ import annotations
@@ -10,10 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from .errors import NvsegError
+from .boundary import guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,36 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["batch"]:  # its own parser (shared with jobs/batch_segment.py), flags passed through as-is
-        from .batch.cli import main as batch_main
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    debug = bool(getattr(args, "debug", False))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+    return guarded(f"nvseg {args.command}", lambda: args.func(args), debug=debug)
 
-        return batch_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
-    return guarded(f"nvseg {args.command}", lambda: args.func(args), debug=args.debug)
-
-
-def guarded(prog: str, run: Callable[[], int | None], *, debug: bool = False) -> int:
-    """Run a command, turning errors into one message and an exit status (never a traceback unless debug).
-
-    :class:`NvsegError` -> its message and ``exit_code``; Ctrl-C -> 130; anything else is a bug -> 1.
-    """
-    try:
-        return int(run() or 0)
-    except NvsegError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug: say so plainly, traceback only on --debug
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: internal error: {type(exc).__name__}: {exc}\n"
-              "  hint: re-run with --debug and report the traceback", file=sys.stderr)
-        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

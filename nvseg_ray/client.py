@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .errors import ConfigError, NvsegError, StorageError
+from .errors import ConfigError, ServiceError, StorageError
 
 __all__ = [
     "DEFAULT_URL",
@@ -55,38 +55,6 @@ _UNREACHABLE_HINT = (
     "Ray head) and that this machine can reach it (port-forward, firewall)."
 )
 _RESERVED = frozenset({"code", "message", "hint", "status", "retry_after"})
-
-
-class ServiceError(NvsegError):
-    """The service answered with an error, or could not be reached.
-
-    Attributes:
-        status: HTTP status (``None`` when no answer came back: unreachable, timeout, wait timeout).
-        code: the service's error code (``invalid_prompt``, ``url_not_allowed``, ...), ``http_<status>`` when
-            the body had none, or ``service_unreachable`` / ``service_timeout`` / ``job_wait_timeout``.
-        retry_after: seconds to wait before retrying (the ``Retry-After`` header, e.g. on 503), or ``None``.
-    """
-
-    code = "service_error"
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 hint: str | None = None, retry_after: float | None = None, **details: Any) -> None:
-        super().__init__(message, hint=hint, **details)
-        self.status = status
-        self.retry_after = retry_after
-        if code:
-            self.code = code
-        if status is not None and 400 <= status < 500:
-            self.exit_code = 2  # the request was invalid (same family as bad options / prompts)
-
-    def __str__(self) -> str:
-        where = f"HTTP {self.status}: " if self.status is not None else ""
-        text = f"[{self.code}] {where}{self.message}"
-        if self.retry_after is not None:
-            text += f" (retry after {self.retry_after:g} s)"
-        if self.hint:
-            text += f"\n  hint: {self.hint}"
-        return text
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -7,9 +7,7 @@ actor; :meth:`Segmenter.segment` runs them all in-process for the CLI.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,19 +20,10 @@ from .labels import LabelCatalog
 from .model import LoadedModel, checkpoint_label_info, load_model
 from .postprocess import cast_labels, invert_labels, label_statistics
 from .preprocess import PreparedVolume, build_preprocessing, prepare
+from .timing import timed
 from .validation import ValidatedVolume, VolumeLimits, check_model_input, read_and_validate
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "write")
-
-
-@contextmanager
-def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the wall-clock seconds spent in the block to ``timings[stage]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass

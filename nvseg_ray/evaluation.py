@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .config import DEFAULT_PATCH_SIZE, PATCH_DIVISOR, InferenceConfig, validate_config
 from .engine import Prompts, Segmenter
-from .errors import InputError, NvsegError
+from .errors import EXIT_VOLUMES_FAILED, InputError, NvsegError
 from .io import join_uri, write_bytes_atomic, write_json
 from .labels import LabelCatalog
 from .training.datalist import (
@@ -50,7 +50,6 @@ from .training.datalist import (
 
 __all__ = [
     "CASE_COLUMNS",
-    "EXIT_CASES_FAILED",
     "EvaluateConfig",
     "EvaluationResult",
     "dice",
@@ -61,8 +60,6 @@ __all__ = [
     "summarize",
 ]
 
-#: exit status when some cases failed (as the batch job).
-EXIT_CASES_FAILED = 3
 #: default label mapping of upstream evaluate.json (MSD Task09 spleen 1 -> global 3).
 DEFAULT_LABEL_MAPPING: list[tuple[int, int]] = [(1, 3)]
 CODE_INTERNAL = "internal_error"
@@ -408,7 +405,7 @@ def run_evaluation(cfg: EvaluateConfig, *, echo: Callable[[str], None] = print) 
 
     Returns:
         The per-case frame, the summary (``summarize`` plus run metadata and the failures) and the exit
-        status: 0, or :data:`EXIT_CASES_FAILED` when some case failed.
+        status: 0, or :data:`~nvseg_ray.errors.EXIT_VOLUMES_FAILED` when some case failed.
 
     Raises:
         NvsegError: configuration, data-list, label-mapping or class problems (before any case runs).
@@ -464,5 +461,5 @@ def run_evaluation(cfg: EvaluateConfig, *, echo: Callable[[str], None] = print) 
     echo(format_summary(summary))
     for fail in summary["failed"]:
         echo(f"[nvseg-eval] FAILED {fail['case_id']}: [{fail['error_code']}] {fail['error_message']}")
-    return EvaluationResult(frame, summary, EXIT_CASES_FAILED if summary["failed"] else 0)
+    return EvaluationResult(frame, summary, EXIT_VOLUMES_FAILED if summary["failed"] else 0)
 

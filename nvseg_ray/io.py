@@ -49,6 +49,15 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from nvseg_ray.errors import ConfigError, InputError, OutputExists, StorageError
+from nvseg_ray.errors import (  # the reason sub-codes of StorageError (re-exported: io names them in errors)
+    REASON_IO_ERROR,
+    REASON_IS_A_DIRECTORY,
+    REASON_MISSING_PACKAGE,
+    REASON_NO_CREDENTIALS,
+    REASON_NOT_FOUND,
+    REASON_PERMISSION_DENIED,
+    REASON_UNSUPPORTED_SCHEME,
+)
 
 try:  # optional accelerator: pip install "nvseg-ray[fast]"
     from isal import igzip as _igzip
@@ -105,15 +114,6 @@ TRAILING_SLACK_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 2**20
 #: Decompressed bytes produced per inflate call (bounds the overshoot beyond what was asked for).
 _INFLATE_CHUNK = 16 * 2**20
-
-#: Values of the ``reason`` detail on :class:`StorageError` (machine-readable sub-code).
-REASON_NOT_FOUND = "not_found"
-REASON_PERMISSION_DENIED = "permission_denied"
-REASON_IS_A_DIRECTORY = "is_a_directory"
-REASON_NO_CREDENTIALS = "no_credentials"
-REASON_MISSING_PACKAGE = "missing_package"
-REASON_UNSUPPORTED_SCHEME = "unsupported_scheme"
-REASON_IO_ERROR = "io_error"
 
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_HEADER_SIZE = 348

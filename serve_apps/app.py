@@ -32,14 +32,25 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nvseg_ray import __version__
-from nvseg_ray.errors import ConfigError, InputError, NvsegError, PromptError, StorageError
+from nvseg_ray.errors import (
+    ConfigError,
+    JobNotFinished,
+    JobNotFound,
+    JobsFull,
+    ModelUnavailable,
+    NvsegError,
+    PayloadTooLarge,
+    PromptError,
+    RequestTimeout,
+    ServiceUnavailable,
+)
 from nvseg_ray.output import mask_image, refuse_existing, write_result
 from nvseg_ray.redaction import redact, redact_text
 from nvseg_ray.serving.auth import AuthGate, BearerAuthMiddleware
 from nvseg_ray.serving.encode import MEDIA_TYPES, content_disposition, nifti_gz, nrrd_zip
-from nvseg_ray.serving.fetch import PayloadTooLarge, check_source, fetch_image
+from nvseg_ray.serving.fetch import check_source, fetch_image
 from nvseg_ray.serving.prefixes import check_output_uri
-from nvseg_ray.serving.jobs import JobsFull, JobTable
+from nvseg_ray.serving.jobs import JobTable
 from nvseg_ray.serving import limits as body_limits
 from nvseg_ray.serving.service import (
     InferenceRequest,
@@ -67,38 +78,6 @@ AUTH = AuthGate()
 api.add_middleware(BearerAuthMiddleware, gate=AUTH)
 
 
-class ServiceUnavailable(NvsegError):
-    code = "overloaded"
-    http_status = 503
-
-
-class RequestTimeout(NvsegError):
-    code = "request_timeout"
-    http_status = 504
-
-
-class OutputNotAllowed(NvsegError):
-    code = "output_not_allowed"
-    http_status = 403
-
-
-class JobNotFound(NvsegError):
-    code = "job_not_found"
-    http_status = 404
-
-
-class JobNotFinished(NvsegError):
-    code = "job_not_finished"
-    http_status = 409
-
-
-class ModelUnavailable(NvsegError):
-    """The model replica died, restarted or failed on the request (details only in the server log)."""
-
-    code = "model_unavailable"
-    http_status = 503
-
-
 #: Starlette/FastAPI's own HTTP errors (unknown route, wrong method, unparsable body) as our error codes.
 _HTTP_ERRORS: dict[int, tuple[str, str, str]] = {
     400: ("bad_request", "the request body could not be parsed",
@@ -109,22 +88,8 @@ _HTTP_ERRORS: dict[int, tuple[str, str, str]] = {
 }
 
 
-def http_status(err: NvsegError) -> int:
-    """The HTTP status of a user-facing error (5xx only for server-side problems)."""
-    explicit = getattr(err, "http_status", None)
-    if explicit:
-        return int(explicit)
-    if isinstance(err, StorageError):
-        return {"not_found": 404, "permission_denied": 403}.get(str(err.details.get("reason")), 422)
-    if isinstance(err, (PromptError, InputError)):
-        return 422
-    if isinstance(err, ConfigError):
-        return 400
-    return 500
-
-
 def error_response(err: NvsegError, retry_after_s: float | None = None) -> JSONResponse:
-    status = http_status(err)
+    status = err.http_status
     headers = {"Retry-After": str(max(1, round(retry_after_s)))} if status == 503 and retry_after_s is not None else None
     return JSONResponse(error_body(err, status), status_code=status, headers=headers)
 
@@ -431,7 +396,7 @@ class Gateway:
                                         "report_uri": body.output_uri[: -len(".nii.gz")] + ".json"})
         except NvsegError as err:
             await self.jobs.put.remote({"job_id": job_id, "status": "failed",
-                                        "error": error_body(err, http_status(err))["error"]})
+                                        "error": error_body(err)["error"]})
         except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost; text only in the log
             body_ = json.loads(internal_error_response(exc).body)
             await self.jobs.put.remote({"job_id": job_id, "status": "failed", "error": body_["error"]})

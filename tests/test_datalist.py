@@ -188,7 +188,8 @@ def test_check_items_shapes_and_channels(tmp_path: Path) -> None:
 
 
 def test_label_mapping_accepts_class_names_with_suggestions():
-    from nvseg_ray.training.datalist import LabelMappingError, parse_label_mapping
+    from nvseg_ray.errors import LabelMappingError
+    from nvseg_ray.training.datalist import parse_label_mapping
 
     assert parse_label_mapping([[1, "Spleen"], [2, "liver"]]) == ((1, 3), (2, 1))
     with pytest.raises(LabelMappingError, match="did you mean 'spleen'"):

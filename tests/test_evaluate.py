@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from nvseg_ray.evaluation import EvaluateConfig, dice, evaluate_case, run_evaluation, summarize
-from nvseg_ray.errors import ConfigError
+from nvseg_ray.errors import ConfigError, DataListError
 from nvseg_ray.io import read_nifti
-from nvseg_ray.training.datalist import DataListError, relabel
+from nvseg_ray.training.datalist import relabel
 
 from .model_helpers import TEST_PATCH, body_phantom, save_volume
 

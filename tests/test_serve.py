@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
-from nvseg_ray.client import NvsegClient, ServiceError
+from nvseg_ray.client import NvsegClient
 from nvseg_ray.config import InferenceConfig
 from nvseg_ray.engine import Segmenter
+from nvseg_ray.errors import ServiceError
 from nvseg_ray.serving.encode import read_nrrd_zip
 from nvseg_ray.serving.service import DEFAULT_MAX_INFLIGHT, DEFAULT_REQUEST_TIMEOUT_S, ServeSettings
 

@@ -224,7 +224,7 @@ def test_every_error_class_yields_a_hint():
             err = cls("something failed")
         except TypeError:  # needs extra arguments: built by its own factory with a hint
             continue
-        body = error_body(err, app_mod.http_status(err))["error"]
+        body = error_body(err)["error"]
         assert body["hint"] and body["code"] and body["message"], cls
 
 

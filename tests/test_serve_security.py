@@ -21,10 +21,18 @@ import numpy as np
 import pytest
 import yaml
 
-from nvseg_ray.errors import ConfigError, NvsegError, OutputExists, StorageError
+from nvseg_ray.errors import (
+    AuthRequired,
+    AuthUnavailable,
+    ConfigError,
+    LocationNotAllowed,
+    NvsegError,
+    OutputExists,
+    StorageError,
+)
 from nvseg_ray.io import write_bytes_atomic
-from nvseg_ray.serving.auth import AuthRequired, AuthUnavailable, TokenAuth, read_tokens
-from nvseg_ray.serving.prefixes import LocationNotAllowed, check_location, check_output_uri, parse_prefix
+from nvseg_ray.serving.auth import TokenAuth, read_tokens
+from nvseg_ray.serving.prefixes import check_location, check_output_uri, parse_prefix
 from nvseg_ray.serving.service import ServeSettings, error_body
 
 from .model_helpers import TEST_PATCH, body_phantom, save_volume

@@ -25,9 +25,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nvseg_ray.client import NvsegClient, ServiceError, error_from_response, format_points, parse_retry_after
+from nvseg_ray.client import NvsegClient, error_from_response, format_points, parse_retry_after
 from nvseg_ray.commands import client as client_cmd
-from nvseg_ray.errors import InputError, NvsegError
+from nvseg_ray.errors import (
+    EXIT_VOLUMES_FAILED,
+    FetchFailed,
+    FetchRefused,
+    FetchTimeout,
+    InputError,
+    NvsegError,
+    PayloadTooLarge,
+    ServiceError,
+)
 from nvseg_ray.io import decode_nifti, write_bytes_atomic
 from nvseg_ray.serving import fetch as fetch_mod
 from nvseg_ray.serving.encode import (
@@ -42,11 +51,7 @@ from nvseg_ray.serving.encode import (
     response_filename,
 )
 from nvseg_ray.serving.fetch import (
-    FetchFailed,
     FetchPolicy,
-    FetchRefused,
-    FetchTimeout,
-    PayloadTooLarge,
     address_problem,
     fetch_image,
     host_allowed,
@@ -803,7 +808,7 @@ def test_cli(service: ThreadingHTTPServer, tmp_path: Path, capsys: pytest.Captur
     lines = capsys.readouterr().out
     assert lines.splitlines()[0] == "j1" and '"succeeded"' in lines
     assert _cli(["client", "submit", "--image", "failing", "--output-uri", "s3://o/b.nii.gz", "--wait",
-                 "--poll", "0.01"]) == client_cmd.EXIT_JOB_FAILED
+                 "--poll", "0.01"]) == EXIT_VOLUMES_FAILED
 
     with pytest.raises(ServiceError) as info:
         _cli(["client", "infer", "--image", "bad", "--out", str(tmp_path / "x.zip")])

@@ -119,7 +119,7 @@ def test_transforms_relabel_and_patch(tmp_path, tiny_checkpoint):
 
 def test_datalist_errors_reported_before_training(tmp_path, tiny_checkpoint, monkeypatch):
     from nvseg_ray.training import run
-    from nvseg_ray.training.datalist import DataListError
+    from nvseg_ray.errors import DataListError
 
     def no_ray(*a, **k):  # training must not start
         raise AssertionError("Ray was started despite a bad data list")

@@ -15,18 +15,24 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli import guarded
+from ..boundary import guarded
 from ..commands.options import add_inference_arguments, inference_overrides
-from . import BatchConfig, run_batch
+from .config import BatchConfig
+
+#: the prefix of the job's messages (``nvseg batch`` says ``nvseg batch``, see :mod:`nvseg_ray.commands.batch`).
+JOB_PROG = "batch_segment"
 
 _BATCH_FLAGS = ("input", "output", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
                 "min_actors", "max_actors", "model_node_resource", "cpu_node_resource", "max_in_flight", "max_attempts",
                 "max_failures", "progress_interval_s", "progress_bars", "run_name", "ray_address")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nvseg batch | jobs/batch_segment.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option of the batch job: the one argument builder of ``nvseg batch`` and ``jobs/batch_segment.py``.
+
+    ``--debug`` leaves the namespace untouched when absent (``argparse.SUPPRESS``), so ``nvseg --debug batch``
+    keeps the top-level flag; read it as ``getattr(args, "debug", False)``.
+    """
     p.add_argument("--input", "-i", help="folder/prefix (recursive), glob, file, or manifest .csv/.jsonl/.parquet")
     p.add_argument("--output", "-o", help="output folder/prefix (mirrors the input's relative folders)")
     p.add_argument("--config", help="YAML with BatchConfig fields and an 'inference:' mapping (flags override)")
@@ -52,7 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-name", help="manifest folder name under <output>/_nvseg_runs/")
     g.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL for all workers)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks for internal errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``jobs/batch_segment.py`` (``nvseg batch`` registers the same options as a sub-command)."""
+    p = argparse.ArgumentParser(prog="jobs/batch_segment.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_arguments(p)
     return p
 
 
@@ -61,8 +75,19 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
     return BatchConfig.from_sources(args.config, inference=inference_overrides(args), **overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.s3_endpoint:
+def run(args: argparse.Namespace) -> int:
+    """Run the batch job from parsed options; the exit status of :func:`nvseg_ray.batch.run_batch` (0 or 3).
+
+    Ray is imported only here, when a run starts (``nvseg --help`` stays fast and Ray-free).
+    """
+    from . import run_batch
+
+    if getattr(args, "s3_endpoint", None):
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    return guarded("batch_segment", lambda: run_batch(config_from_args(args)).exit_code, debug=args.debug)
+    return run_batch(config_from_args(args)).exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``jobs/batch_segment.py``: parse, run behind the error boundary, return the exit status."""
+    args = build_parser().parse_args(argv)
+    return guarded(JOB_PROG, lambda: run(args), debug=getattr(args, "debug", False))

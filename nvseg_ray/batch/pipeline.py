@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from ..config import InferenceConfig
 from ..engine import Segmenter
-from ..errors import NvsegError
+from ..errors import EXIT_VOLUMES_FAILED, NvsegError
 from ..labels import LabelCatalog
 from .admission import InFlightLimiter, admit, default_in_flight, release
 from .config import BatchConfig
@@ -32,8 +32,6 @@ from .plan import checkpoint_identity, plan_rows
 from .rows import STATUS_PENDING, fail_row
 from .stages import ModelStage, postprocess_row, preprocess_row
 
-#: exit status when more volumes failed than ``max_failures`` allows (same as ``nvseg segment``).
-EXIT_VOLUMES_FAILED = 3
 #: environment variables forwarded to Ray workers when this process starts or joins a cluster.
 FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "NVSEG_")
 CODE_PIPELINE_ERROR = "pipeline_error"

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ..config import InferenceConfig
-from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses, timed
+from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses
 from ..errors import NvsegError
 from ..io import encode_nifti, write_bytes_atomic, write_json
 from ..output import build_report, mask_image, report_uri
+from ..timing import timed
 from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
 
 CODE_INTERNAL = "internal_error"

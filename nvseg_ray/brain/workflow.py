@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 
 from ..config import BrainConfig
-from ..engine import timed
 from ..errors import InputError
+from ..timing import timed
 from .intensity import check_t1_like, n4_bias_correct, normalize_wm_peak
 from .registration import normalized_correlation, register_affine, warp_to_template
 from .revert import template_to_input_grid

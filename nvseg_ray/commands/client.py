@@ -22,14 +22,13 @@ import sys
 from typing import Any
 
 from ..client import DEFAULT_URL, OUTPUT_FORMATS, NvsegClient
-from ..errors import ConfigError
+from ..errors import EXIT_VOLUMES_FAILED, ConfigError
 from ..io import uri_stem, write_bytes_atomic
 from .options import _classes, _ints, _points
 
-#: exit status of ``ready`` when the service is up but not ready, and of ``submit --wait`` / ``job``
-#: waits that end in a failed job (same as ``nvseg segment`` when a volume failed).
+#: exit status of ``ready`` when the service is up but not ready (``submit --wait`` / ``job`` waits that end in a
+#: failed job exit with :data:`~nvseg_ray.errors.EXIT_VOLUMES_FAILED`, as ``nvseg segment`` when a volume failed).
 EXIT_NOT_READY = 1
-EXIT_JOB_FAILED = 3
 
 _SUFFIXES = {"nrrd_zip": "_seg.zip", "nifti": "_seg.nii.gz", "json": "_seg.json"}
 
@@ -130,7 +129,7 @@ def _write(data: bytes, out: str | None, stem: str, fmt: str) -> None:
 
 
 def _job_exit(state: dict[str, Any]) -> int:
-    return EXIT_JOB_FAILED if state.get("status") == "failed" else 0
+    return EXIT_VOLUMES_FAILED if state.get("status") == "failed" else 0
 
 
 def run(args: argparse.Namespace) -> int:

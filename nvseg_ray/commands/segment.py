@@ -7,13 +7,11 @@ import sys
 import traceback
 
 from ..config import InferenceConfig
-from ..errors import ConfigError, NvsegError
+from ..errors import EXIT_VOLUMES_FAILED, ConfigError, NvsegError
 from ..io import exists, list_volumes
-from ..redaction import redact_text, redact_uri
+from ..boundary import internal_error_text
+from ..redaction import redact_uri
 from .options import add_inference_arguments, inference_overrides
-
-#: exit status when at least one volume failed (others may have succeeded).
-EXIT_VOLUME_FAILED = 3
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,12 +70,11 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             if debug:
                 traceback.print_exc()
-            print(f"{prefix}: FAILED internal error: {type(exc).__name__}: {redact_text(str(exc))}\n"
-                  "  hint: re-run with --debug and report the traceback", file=sys.stderr, flush=True)
+            print(f"{prefix}: FAILED {internal_error_text(exc)}", file=sys.stderr, flush=True)
             continue
         stages = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
         say(f"{prefix} -> {redact_uri(out)} ({len(result.statistics)} labels; {stages})")
     if failed:
         print(f"{failed} of {len(inputs)} volume(s) failed", file=sys.stderr)
-        return EXIT_VOLUME_FAILED
+        return EXIT_VOLUMES_FAILED
     return 0

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, NvsegError
+from ..errors import AuthRequired, AuthUnavailable, ConfigError, NvsegError
 
 __all__ = ["EXEMPT_PATHS", "MIN_TOKEN_LENGTH", "AuthGate", "AuthRequired", "AuthUnavailable", "BearerAuthMiddleware",
            "TokenAuth", "read_tokens", "www_authenticate"]
@@ -41,22 +41,6 @@ log = logging.getLogger(__name__)
 EXEMPT_PATHS = frozenset({"/v1/health/live", "/v1/health/ready"})
 #: shortest token accepted (e.g. ``openssl rand -hex 32`` gives 64).
 MIN_TOKEN_LENGTH = 16
-
-
-class AuthRequired(NvsegError):
-    """401: no or an unknown bearer token."""
-
-    code = "unauthorized"
-    http_status = 401
-    exit_code = 2
-
-
-class AuthUnavailable(NvsegError):
-    """503: the tokens file could not be re-read; nobody is let in until it can."""
-
-    code = "auth_unavailable"
-    http_status = 503
-    exit_code = 5
 
 
 def read_tokens(path: str | os.PathLike[str]) -> frozenset[bytes]:
@@ -215,7 +199,7 @@ class BearerAuthMiddleware:
         if err is None:
             await self.app(scope, receive, send)
             return
-        status = int(getattr(err, "http_status", 401))
+        status = err.http_status
         headers = www_authenticate(err)
         if status == 503:
             headers["Retry-After"] = "5"

@@ -28,7 +28,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 
-from ..errors import InputError, NvsegError
+from ..errors import EncodeError, InputError, NvsegError
 from ..io import CODE_UNREADABLE_FILE, encode_nifti
 
 __all__ = [
@@ -71,13 +71,6 @@ _SPACE_ALIASES = {
 }
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip entry timestamp
 _FILE_SUFFIXES = {"nrrd_zip": "_seg.zip", "nifti": "_seg.nii.gz", "json": "_seg.json"}
-
-
-class EncodeError(NvsegError):
-    """A label map cannot be encoded (negative labels, ids above 65535, not 3-D). A server-side bug."""
-
-    code = "encode_failed"
-    http_status = 500
 
 
 # --------------------------------------------------------------------------------------------------------

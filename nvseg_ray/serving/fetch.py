@@ -51,12 +51,24 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from ..errors import ConfigError, NvsegError, StorageError
-from ..io import REASON_IS_A_DIRECTORY, REASON_NOT_FOUND, REASON_PERMISSION_DENIED, REASON_UNSUPPORTED_SCHEME
+from ..errors import (  # the fetch family lives in errors.py (re-exported here: they are this module's API)
+    REASON_IS_A_DIRECTORY,
+    REASON_NOT_FOUND,
+    REASON_PERMISSION_DENIED,
+    REASON_UNSUPPORTED_SCHEME,
+    ConfigError,
+    FetchError,
+    FetchFailed,
+    FetchRefused,
+    FetchTimeout,
+    LocationNotAllowed,
+    PayloadTooLarge,
+    StorageError,
+)
 from ..io import _storage_error  # same package: one translation of fsspec/botocore errors
 from ..io import read_bytes, split_uri
 from ..redaction import redact_uri
-from .prefixes import LocationNotAllowed, check_location, parse_prefixes
+from .prefixes import check_location, parse_prefixes
 
 __all__ = [
     "HTTP_SCHEMES",
@@ -84,53 +96,6 @@ _USER_AGENT = "nvseg-ray-fetch"
 _UNREADABLE_STORAGE_REASONS = frozenset({REASON_NOT_FOUND, REASON_PERMISSION_DENIED, REASON_IS_A_DIRECTORY})
 #: other StorageError reasons that are the client's fault (a wrong URI), answered with 422; others are 502.
 _CLIENT_STORAGE_REASONS = frozenset({REASON_UNSUPPORTED_SCHEME})
-
-
-# --------------------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------------------
-
-
-class FetchError(NvsegError):
-    """Base of the fetch errors; ``http_status`` is the status the service should answer with."""
-
-    code = "image_fetch_failed"
-    http_status: int = 502
-    exit_code = 5
-
-    def __init__(self, message: str, *, hint: str | None = None, http_status: int | None = None,
-                 **details: Any) -> None:
-        super().__init__(message, hint=hint, **details)
-        if http_status is not None:
-            self.http_status = http_status
-
-
-class FetchRefused(FetchError):
-    """The URI is not allowed by the policy (scheme, host, bucket or a private address). Nothing was sent."""
-
-    code = "url_not_allowed"
-    http_status = 403
-
-
-class PayloadTooLarge(FetchError):
-    """The image is larger than ``FetchPolicy.max_bytes`` (declared or while streaming)."""
-
-    code = "payload_too_large"
-    http_status = 413
-
-
-class FetchFailed(FetchError):
-    """The image could not be fetched: 422 when the remote said no (4xx, not found), 502 otherwise."""
-
-    code = "image_fetch_failed"
-    http_status = 502
-
-
-class FetchTimeout(FetchError):
-    """The fetch did not finish within ``FetchPolicy.timeout_s``."""
-
-    code = "image_fetch_timeout"
-    http_status = 504
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
   its ``owner`` (the Gateway replica running it); owners heart-beat, and a job whose owner has been silent for
   longer than the lease is reported ``failed`` with code :data:`CODE_JOB_ORPHANED` (the Gateway crashed or was
   replaced; the job will never finish).
-* :class:`JobsFull` -- 503 at submit when a Gateway already holds its bound of queued + running jobs.
+* :class:`~nvseg_ray.errors.JobsFull` -- 503 at submit when a Gateway already holds its bound of queued + running jobs.
 """
 
 from __future__ import annotations
@@ -12,19 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import NvsegError
 from ..redaction import redact
 
 CODE_JOB_ORPHANED = "job_orphaned"
 #: statuses a job can leave; the others (succeeded, failed) are final.
 ACTIVE_STATUSES = ("queued", "running")
-
-
-class JobsFull(NvsegError):
-    """This Gateway replica holds ``max_jobs`` queued + running jobs."""
-
-    code = "overloaded"
-    http_status = 503
 
 
 class JobTable:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, NvsegError
+from ..errors import ConfigError, LocationNotAllowed
 from ..redaction import redact_uri
 
 __all__ = [
@@ -52,19 +52,6 @@ __all__ = [
 SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "adl": "az"}
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.\-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class LocationNotAllowed(NvsegError):
-    """A client-named storage URI is malformed, ambiguous or outside the operator's allowed prefixes (403)."""
-
-    code = "location_not_allowed"
-    http_status = 403
-    exit_code = 2
-
-    def __init__(self, message: str, *, hint: str | None = None, code: str | None = None, **details: Any) -> None:
-        super().__init__(message, hint=hint, **details)
-        if code:
-            self.code = code
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 from ..config import DEFAULT_PATCH_SIZE, BrainConfig, InferenceConfig, validate_config
 from ..engine import Prompts, SegmentationResult, Segmenter, resolve_prompts
 from ..inference import StopRequested
-from ..errors import NvsegError, PromptError
+from ..errors import NvsegError, PromptError, WorkAbandoned
 from ..io import decode_nifti, uri_stem
 from ..labels import MODALITIES, LabelCatalog
 from ..model import LoadedModel
@@ -340,13 +340,6 @@ class ModelWorker:
                 "embed_dim": model.architecture.embed_dim, "device": str(self.segmenter.device)}
 
 
-class WorkAbandoned(NvsegError):
-    """Model work was refused or stopped because its request is gone (deadline passed or cancelled)."""
-
-    code = "request_timeout"
-    http_status = 504
-
-
 #: hints for errors raised without one, by code, then by HTTP status family (every error body has a hint).
 DEFAULT_HINTS: dict[str, str] = {
     "invalid_prompt": "see GET /v1/vista3d/info for the class names and ids of each modality",
@@ -363,8 +356,9 @@ DEFAULT_HINTS: dict[str, str] = {
 }
 
 
-def default_hint(err: NvsegError, status: int = 422) -> str:
-    """``err.hint``, else a hint for its code, else one for its HTTP status family."""
+def default_hint(err: NvsegError, status: int | None = None) -> str:
+    """``err.hint``, else a hint for its code, else one for its HTTP status family (default ``err.http_status``)."""
+    status = err.http_status if status is None else status
     if err.hint:
         return err.hint
     if err.code in DEFAULT_HINTS:
@@ -374,8 +368,11 @@ def default_hint(err: NvsegError, status: int = 422) -> str:
     return "check the request against the API description at /docs"
 
 
-def error_body(err: NvsegError, status: int = 422, request_id: str | None = None) -> dict[str, Any]:
-    """``{"error": {"code", "message", "hint", ...details}}`` -- always with a hint; ``request_id`` when given."""
+def error_body(err: NvsegError, status: int | None = None, request_id: str | None = None) -> dict[str, Any]:
+    """``{"error": {"code", "message", "hint", ...details}}`` -- always with a hint; ``request_id`` when given.
+
+    ``status`` (default ``err.http_status``) picks the fallback hint of an error raised without one.
+    """
     out = err.to_dict()
     out["hint"] = default_hint(err, status)
     if request_id:

@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from ..errors import ConfigError, NvsegError
+from ..errors import DataListError, LabelMappingError, NvsegError
 from ..io import join_uri, read_bytes, read_nifti, uri_stem
 
 __all__ = [
@@ -57,28 +57,6 @@ MAX_GLOBAL_ID = 511
 AFFINE_TOLERANCE_MM = 1e-3
 #: At most this many offending label values are listed per item.
 _MAX_LISTED_VALUES = 20
-
-
-class DataListError(ConfigError):
-    """A data list, or the files it names, cannot be used.
-
-    ``message`` lists every problem found (one per line); ``details["problems"]`` holds them as a list.
-    """
-
-    code = "invalid_datalist"
-
-    def __init__(self, problems: Sequence[str], *, source: str = "data list", hint: str | None = None,
-                 **details: Any) -> None:
-        problems = list(problems)
-        noun = "problem" if len(problems) == 1 else "problems"
-        message = f"{source}: {len(problems)} {noun}:\n" + "\n".join(f"  - {p}" for p in problems)
-        super().__init__(message, hint=hint, problems=problems, **details)
-
-
-class LabelMappingError(ConfigError):
-    """A ``label_mappings`` value is malformed; the message lists every problem."""
-
-    code = "invalid_label_mapping"
 
 
 @dataclass(frozen=True)

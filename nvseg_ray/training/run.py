@@ -13,18 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, NvsegError
+from ..errors import ConfigError, TrainingError
 from .checkpoint import LABELS_SUFFIX, MODEL_FILE, STATE_FILE, load_train_state
 from .config import TrainConfig
 from .tracking import ensure_experiment, resolve_tracking_uri
 from .worker import FAULT_INJECTION_ENV, train_loop_per_worker
-
-
-class TrainingError(NvsegError):
-    """The training run failed (a worker raised, or retries were exhausted)."""
-
-    code = "training_failed"
-    exit_code = 6
 
 
 @dataclass
