@@ -22,7 +22,8 @@ try:  # a checkout used without `pip install -e .` (e.g. a bare `ray job submit 
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvseg_ray.errors import ConfigError, NvsegError
+from nvseg_ray.boundary import guarded
+from nvseg_ray.errors import ConfigError
 
 
 def _patch(text: str) -> list[int]:
@@ -47,13 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-actors", type=int, help="model actors (default 1)")
     p.add_argument("--label-catalog", help="project catalog JSON or upstream bundle dir")
     p.add_argument("--storage-options", help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"...\"}'")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run, print the summary table; return the exit status."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         from nvseg_ray.evaluation import EvaluateConfig, run_evaluation
 
         try:
@@ -66,9 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device, max_actors=args.max_actors, label_catalog=args.label_catalog,
             storage_options=storage)
         return run_evaluation(cfg).exit_code
-    except NvsegError as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
+
+    return guarded("evaluate", run, debug=args.debug)
 
 
 if __name__ == "__main__":
