@@ -423,3 +423,53 @@ def test_cli_unknown_modality() -> None:
 def test_cli_catalog_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert _run_cli(["--catalog", str(UPSTREAM_DATA), "--search", "LUMIR"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("132 of 345")
+
+
+# ------------------------------------------------------------------ one class-list rule, one package
+
+
+#: (typed text, what every class-list parser must return): separators ``,`` and ``;``, blanks dropped, ASCII
+#: decimal (optionally signed) ids, everything else a name (``²`` passes ``str.isdigit`` but is no id).
+CLASS_LISTS = [
+    ("liver, 3;spleen", ["liver", 3, "spleen"]),
+    (" 3 ; ; 5 ,", [3, 5]),
+    ("+4,-2", [4, -2]),
+    ("²,3²", ["²", "3²"]),
+    ("\u0663", ["\u0663"]),  # ARABIC-INDIC DIGIT THREE: int() would read it, the rule does not
+    ("left kidney;right kidney", ["left kidney", "right kidney"]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CLASS_LISTS)
+def test_every_class_list_parser_follows_one_rule(text: str, expected: list[int | str]) -> None:
+    """The CLI flag, a batch manifest cell, the Serve form field and the benchmarks' flag read a class list alike
+    (they had four parsers: two ignored ';', two read '+4' as a name)."""
+    from benchmarks._common import classes_arg
+    from nvseg_ray.batch.inputs import _classes as manifest_cell
+    from nvseg_ray.commands.options import add_inference_arguments
+    from nvseg_ray.labels import parse_class_list
+    from nvseg_ray.serving.service import parse_form_list
+
+    parser = argparse.ArgumentParser()
+    add_inference_arguments(parser)
+    assert parse_class_list(text) == expected
+    assert parser.parse_args(["--classes", text]).classes == expected
+    assert manifest_cell(text) == expected
+    assert parse_form_list(text) == expected
+    assert classes_arg(text) == expected
+
+
+def test_labels_package_keeps_its_public_names() -> None:
+    """The split into nvseg_ray/labels/ (catalog, schema, bundle, parsing, printing) keeps ``from nvseg_ray.labels
+    import X`` working for every name the single module exported."""
+    import nvseg_ray.labels as labels
+
+    assert set(labels.__all__) == {"CATALOG_FORMAT", "CT_BODY_EXCLUDED", "CT_BODY_MAX_ID", "MAX_POINT_PROMPT_ID",
+                                   "MODALITIES", "MRI_EVERYTHING_DATASETS", "SUBCLASSES", "LabelCatalog",
+                                   "LabelClass", "parse_class_list", "parse_class_token"}
+    assert all(hasattr(labels, name) for name in labels.__all__)
+    assert set(labels.CT_BODY_EXCLUDED) == CT_BODY_EXCLUDED
+    assert labels.LabelCatalog.default().to_json() == (REPO_ROOT / "nvseg_ray" / "resources" /
+                                                        "label_catalog.json").read_text()
+    for module in (REPO_ROOT / "nvseg_ray" / "labels").glob("*.py"):
+        assert len(module.read_text().splitlines()) < 500, f"{module.name} grew past 500 lines: split it by concern"

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io import list_volumes, read_bytes, split_uri
+from ..labels import parse_class_list, parse_class_token
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 #: manifest columns: ``uri`` is required, the others optional per row.
@@ -123,7 +124,5 @@ def _classes(value: Any) -> list[int | str] | None:
     if value is None or (isinstance(value, float) and value != value):
         return None
     if isinstance(value, str):
-        parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
-    else:
-        parts = [str(p).strip() for p in list(value)]
-    return [int(p) if p.isdigit() else p for p in parts] or None
+        return parse_class_list(value) or None
+    return [parse_class_token(str(p)) for p in list(value)] or None

@@ -24,7 +24,7 @@ from ..engine import Prompts, SegmentationResult, Segmenter, resolve_prompts
 from ..inference import StopRequested
 from ..errors import NvsegError, PromptError, WorkAbandoned
 from ..io import decode_nifti, uri_stem
-from ..labels import MODALITIES, LabelCatalog
+from ..labels import MODALITIES, LabelCatalog, parse_class_list, parse_class_token
 from ..model import LoadedModel
 from ..preprocess import PreparedVolume
 from ..validation import VolumeLimits, validate_nifti
@@ -149,15 +149,6 @@ class JobRequest(InferenceRequest):
     output_uri: str = Field(..., description="mask URI (.nii.gz) in object storage; the report lands next to it")
 
 
-def class_key(text: str) -> int | str:
-    """A class given as text: ASCII decimal digits -> the id (``"3"`` -> 3), anything else -> the name.
-
-    ``str.isdigit`` is not enough: ``"²"`` passes it but ``int("²")`` raises.
-    """
-    text = text.strip()
-    return int(text) if text.isascii() and text.isdigit() else text
-
-
 def check_points(points: list[tuple[float, float, float]], labels: list[int] | None, max_points: int) -> None:
     """Refuse more than ``max_points`` points, non-finite coordinates, labels other than 0/1 or a count mismatch.
 
@@ -196,7 +187,7 @@ def prompt_fields(prompts: PromptsIn | None, modality: str | None, default_modal
             raise PromptError(f"points must be given for exactly one class, got {len(prompts.points)}",
                               hint='e.g. "points": {"liver": [[120, 95, 40]]}')
         (name, pts), = prompts.points.items()
-        cls = class_key(name)
+        cls = parse_class_token(name)
         check_points(pts, prompts.point_labels, max_points)
         labels = prompts.point_labels or [1] * len(pts)
         return fields | {"classes": [cls], "points": [tuple(p) for p in pts], "point_labels": labels}
@@ -208,10 +199,9 @@ def prompt_fields(prompts: PromptsIn | None, modality: str | None, default_modal
 
 
 def parse_form_list(text: str | None) -> list[int | str] | None:
-    """``"liver, 3"`` -> ``["liver", 3]`` (multipart form fields)."""
-    if not text or not text.strip():
-        return None
-    return [class_key(t) for t in re.split(r"[,;]", text) if t.strip()]
+    """``"liver, 3"`` -> ``["liver", 3]`` (multipart form fields; the one class-list rule,
+    :func:`nvseg_ray.labels.parse_class_list`); None when nothing is listed."""
+    return parse_class_list(text or "") or None
 
 
 def parse_form_points(text: str | None) -> list[tuple[float, float, float]] | None:
