@@ -6,23 +6,20 @@ import argparse
 import contextlib
 import json
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-#: embedding width of the generated checkpoints (the released model uses 48).
-TINY_WIDTH = 8
+from nvseg_ray.labels import parse_class_list
+from nvseg_ray.synthetic import TINY_WIDTH, tiny_state_dict
 
 
 def write_tiny_checkpoint(path: Path, seed: int = 0, width: int = TINY_WIDTH) -> Path:
-    """A randomly initialised ``vista3d132`` state dict (the real architecture, narrower convolutions), saved like
-    upstream's ``model.pt`` (the same as ``tests.model_helpers.make_tiny_state_dict``)."""
+    """A randomly initialised ``vista3d132`` state dict (:func:`nvseg_ray.synthetic.tiny_state_dict`: the real
+    architecture, narrower convolutions), saved like upstream's ``model.pt``."""
     import torch
-    from monai.networks.nets import vista3d132
 
-    torch.manual_seed(seed)
-    torch.save(vista3d132(encoder_embed_dim=width, in_channels=1).state_dict(), path)
+    torch.save(tiny_state_dict(seed=seed, width=width), path)
     return path
 
 
@@ -43,24 +40,9 @@ def ints_arg(text: str) -> tuple[int, ...]:
 
 
 def classes_arg(text: str) -> list[int | str]:
-    """argparse type: ``"liver,spleen,3"`` -> ``["liver", "spleen", 3]``."""
-    return [int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip()]
-
-
-def save_like_a_converter(path: Path, array: Any, spacing: Sequence[float]) -> Path:
-    """Save a generated CT as DICOM converters do: LPS-flipped axes centred on the volume, qform = sform (code 1)."""
-    import nibabel as nib
-    import numpy as np
-
-    shape = array.shape
-    sx, sy, sz = (float(s) for s in spacing)
-    affine = np.diag([-sx, -sy, sz, 1.0])
-    affine[:3, 3] = [(shape[0] - 1) / 2 * sx, (shape[1] - 1) / 2 * sy, -(shape[2] - 1) / 2 * sz]
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, 1)
-    img.set_sform(affine, 1)
-    nib.save(img, str(path))
-    return path
+    """argparse type: ``"liver,spleen,3"`` -> ``["liver", "spleen", 3]`` (the one class-list rule,
+    :func:`nvseg_ray.labels.parse_class_list`)."""
+    return parse_class_list(text)
 
 
 @contextlib.contextmanager

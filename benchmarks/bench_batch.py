@@ -53,17 +53,19 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_batch.py` from a 
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks._common import (  # noqa: E402
-    classes_arg, floats_arg, ints_arg, log, save_like_a_converter, work_folder, write_report, write_tiny_checkpoint,
+    classes_arg, floats_arg, ints_arg, log, work_folder, write_report, write_tiny_checkpoint,
 )
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from nvseg_ray.synthetic import write_torso_ct  # noqa: E402
+
 MB = 1024 * 1024
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # Workload defaults: a small field of view (154 x 154 x 120 mm) scanned at high resolution. The model grid
-# (1.5 mm, ~100 x 95 x 80 after the foreground crop) fits ONE 112 x 112 x 80 window, so the tiny model's
+# (1.5 mm, ~95 x 73 x 80 after the foreground crop) fits ONE 112 x 112 x 80 window, so the tiny model's
 # inference (~2-4 s on one core) is of the same order as the CPU stages on the 23.6 M-voxel input
 # (read + resample + invert + encode, ~1-3 s): the regime where overlapping them pays (on a GPU with the
 # real model, inference is far cheaper than the CPU stages of a full CT, so the CPU stages dominate).
@@ -110,46 +112,8 @@ run takes ~4-6 minutes on 2 cores.
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Inputs
+# Inputs (the synthetic CTs are nvseg_ray.synthetic.torso_ct, shared with the other benchmarks and the tests)
 # ------------------------------------------------------------------------------------------------------------
-
-
-
-
-
-def synthetic_ct(shape: Sequence[int], spacing: Sequence[float], seed: int) -> np.ndarray:
-    """An int16 CT-like volume in HU: air around an elliptic-cylinder body (soft tissue 40 HU) with a liver,
-    a spleen, a vertebral column and noise (sigma 20 HU); built in float32 slabs (little memory).
-
-    ``seed`` shifts the organs a little and draws the noise, so the volumes of a run are not identical.
-    """
-    nx, ny, nz = (int(s) for s in shape)
-    rng = np.random.default_rng(seed)
-    jitter = rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
-    u = np.linspace(-1, 1, nx, dtype=np.float32)[:, None, None]
-    v = np.linspace(-1, 1, ny, dtype=np.float32)[None, :, None]
-    body = (u / 0.9) ** 2 + (v / 0.7) ** 2 < 1.0
-    spine = (u**2 + (v + 0.5) ** 2) < 0.012
-    out = np.empty((nx, ny, nz), dtype=np.int16)
-    slab = 16
-    for z0 in range(0, nz, slab):
-        w = np.linspace(-1, 1, nz, dtype=np.float32)[None, None, z0 : z0 + slab]
-        k = w.shape[2]
-        vol = np.broadcast_to(np.where(body, 40.0, -1000.0).astype(np.float32), (nx, ny, k)).copy()
-        liver = (((u + 0.35 + jitter[0]) / 0.4) ** 2 + ((v - 0.1 + jitter[1]) / 0.4) ** 2
-                 + ((w - jitter[2]) / 0.6) ** 2 < 1)
-        spleen = ((u - 0.5 - jitter[0]) / 0.18) ** 2 + ((v - 0.1) / 0.25) ** 2 + ((w + jitter[2]) / 0.4) ** 2 < 1
-        vol[np.broadcast_to(liver & body, vol.shape)] = 65.0
-        vol[np.broadcast_to(spleen & body, vol.shape)] = 50.0
-        vol[np.broadcast_to(spine, vol.shape)] = 700.0
-        vol += rng.standard_normal(vol.shape, dtype=np.float32) * 20.0
-        out[:, :, z0 : z0 + k] = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
-    return out
-
-
-def write_volume(path: Path, shape: Sequence[int], spacing: Sequence[float], seed: int) -> Path:
-    """Save :func:`synthetic_ct` as a DICOM converter would (``_common.save_like_a_converter``)."""
-    return save_like_a_converter(path, synthetic_ct(shape, spacing, seed), spacing)
 
 
 def replicate(sources: Sequence[Path], folder: Path, count: int) -> list[Path]:
@@ -747,7 +711,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     src = work / "sources"
     src.mkdir(parents=True, exist_ok=True)
-    sources = [write_volume(src / f"src{i:03d}.nii.gz", args.shape, args.spacing, seed=i) for i in range(args.n)]
+    sources = [write_torso_ct(src / f"src{i:03d}.nii.gz", args.shape, args.spacing, seed=i) for i in range(args.n)]
     in_n = replicate(sources, work / "in_n", args.n)
     big = args.n * args.scale if args.scale > 1 else 0
     if big:

@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR0915 - one linear script
     import torch
 
-    from benchmarks.bench_stages import write_phantom
+    from nvseg_ray.synthetic import write_torso_ct
     from nvseg_ray.engine import Segmenter
     from nvseg_ray.serving.service import RequestProcessor, ServeSettings
 
@@ -416,7 +416,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
     else:
         served = work / "served"
         served.mkdir(exist_ok=True)
-        path = write_phantom(served / "ct.nii.gz", (args.size,) * 3, (args.spacing,) * 3)
+        path = write_torso_ct(served / "ct.nii.gz", (args.size,) * 3, (args.spacing,) * 3)
         synthetic_input = True
     ckpt = args.checkpoint or str(write_tiny_checkpoint(work / "tiny_model.pt"))
     file_bytes = path.read_bytes()

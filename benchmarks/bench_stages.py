@@ -48,12 +48,14 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/bench_stages.py` from a
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks._common import (  # noqa: E402
-    classes_arg, floats_arg, ints_arg, log, save_like_a_converter, work_folder, write_report, write_tiny_checkpoint,
+    classes_arg, floats_arg, ints_arg, log, work_folder, write_report, write_tiny_checkpoint,
 )
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from nvseg_ray.synthetic import write_torso_ct  # noqa: E402  (the synthetic CT, shared with the tests)
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "write")
 MB = 1024 * 1024
@@ -72,73 +74,6 @@ stage still shows the cost of stitching (ours: 8..48 feature channels; upstream:
 The real checkpoint (--checkpoint models/model.pt, 218 M parameters) takes ~70 s PER WINDOW on a 2-core
 CPU (a default CT has 6 windows per side): use it only on a GPU (--device cuda).
 """
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Inputs
-# ------------------------------------------------------------------------------------------------------------
-
-
-
-
-
-def ct_phantom(shape: Sequence[int], spacing: Sequence[float], seed: int = 0) -> np.ndarray:
-    """A CT-like int16 volume in HU with adult-torso proportions, built slab by slab (little memory).
-
-    An elliptic-cylinder body (at most 340 x 240 mm, less in a small field of view) with a subcutaneous
-    fat layer (-100 HU), soft tissue (40), liver (60), spleen (50), kidneys (30), aorta (45), a vertebral
-    column (cancellous 300, cortical 900), lungs (-850) in the upper quarter, a few gas pockets (-900),
-    air (-1000) around it, and Gaussian noise (sigma 15 HU) everywhere. The crop on HU > 0 therefore keeps
-    the body's bounding box, as on a real abdominal CT.
-    """
-    nx, ny, nz = (int(s) for s in shape)
-    sx, sy, sz = (float(s) for s in spacing)
-    a = min(170.0, 0.42 * nx * sx)  # lateral semi-axis, mm
-    b = min(120.0, 0.30 * ny * sy)  # antero-posterior semi-axis, mm
-    u = (((np.arange(nx) - (nx - 1) / 2) * sx) / a).astype(np.float32)[:, None, None]
-    v = (((np.arange(ny) - (ny - 1) / 2) * sy) / b).astype(np.float32)[None, :, None]
-    w_all = np.linspace(-1, 1, nz, dtype=np.float32)  # normalised cranio-caudal position, +1 = cranial
-    fat = 0.12  # fat layer thickness relative to the semi-axes
-
-    body = (u**2 + v**2) < 1.0
-    inner = (u / (1 - fat)) ** 2 + (v / (1 - fat)) ** 2 < 1.0
-    r_vert, r_aorta = 0.16 * b, 0.1 * b  # circles in mm: vertebral body, aorta
-    r_spine = (u * a / r_vert) ** 2 + ((v + 0.62) * b / r_vert) ** 2
-    aorta = ((u - 0.05) * a / r_aorta) ** 2 + ((v + 0.32) * b / r_aorta) ** 2 < 1.0
-    rng = np.random.default_rng(seed)
-    gas = [(rng.uniform(-0.5, 0.5), rng.uniform(-0.2, 0.5), rng.uniform(-0.8, 0.0), rng.uniform(0.04, 0.09))
-           for _ in range(6)]
-
-    out = np.empty((nx, ny, nz), dtype=np.int16)
-    slab = 16
-    for z0 in range(0, nz, slab):
-        w = w_all[None, None, z0 : z0 + slab]
-        k = w.shape[2]
-        vol = np.where(body, np.where(inner, 40.0, -100.0), -1000.0).astype(np.float32)
-        vol = np.broadcast_to(vol, (nx, ny, k)).copy()
-
-        def put(mask: np.ndarray, hu: float, vol: np.ndarray = vol) -> None:
-            vol[np.broadcast_to(mask & inner, vol.shape)] = hu
-
-        put(((u + 0.4) / 0.38) ** 2 + ((v - 0.15) / 0.5) ** 2 + ((w - 0.25) / 0.3) ** 2 < 1, 60.0)  # liver
-        put(((u - 0.55) / 0.15) ** 2 + ((v + 0.1) / 0.25) ** 2 + ((w - 0.3) / 0.15) ** 2 < 1, 50.0)  # spleen
-        for side in (-1, 1):  # kidneys
-            put(((u - side * 0.35) / 0.12) ** 2 + ((v + 0.45) / 0.18) ** 2 + (w / 0.15) ** 2 < 1, 30.0)
-        put(aorta & (w < 0.6), 45.0)
-        for gu, gv, gw, gr in gas:
-            put((u - gu) ** 2 + (v - gv) ** 2 + (w - gw) ** 2 < gr**2, -900.0)
-        for side in (-1, 1):  # lungs, upper quarter
-            put((((u - side * 0.45) / 0.33) ** 2 + ((v - 0.1) / 0.55) ** 2 < 1) & (w > 0.5), -850.0)
-        put(r_spine < 1.0, 900.0)
-        put(r_spine < 0.6, 300.0)
-        vol += rng.standard_normal(vol.shape, dtype=np.float32) * 15.0
-        out[:, :, z0 : z0 + k] = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
-    return out
-
-
-def write_phantom(path: Path, shape: Sequence[int], spacing: Sequence[float]) -> Path:
-    """Save :func:`ct_phantom` as a DICOM converter would (``_common.save_like_a_converter``)."""
-    return save_like_a_converter(path, ct_phantom(shape, spacing), spacing)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -545,7 +480,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         synthetic_input = False
     else:
         path = work / "ct_phantom.nii.gz"
-        write_phantom(path, args.shape, args.spacing)
+        write_torso_ct(path, args.shape, args.spacing)
         synthetic_input = True
     if args.checkpoint:
         ckpt, synthetic_ckpt = args.checkpoint, False

@@ -8,7 +8,8 @@ Object storage
         def test_x(s3_env, s3_bucket):
             uri = f"s3://{s3_bucket}/scan.nii.gz"   # works with storage_options=None (env) or s3_env
 
-Synthetic volumes live in ``tests/helpers.py`` (``make_nifti``, ``body_phantom``, ...).
+Synthetic volumes: the generators live in ``nvseg_ray/synthetic.py`` (``body_phantom``, ``tissue_phantom``,
+``torso_ct``, ...); ``tests/helpers.py`` builds NIfTI files from them (``make_nifti``, ...).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.spatialimages import HeaderDataError
 
+from nvseg_ray.synthetic import tissue_phantom
+
 #: A typical CT affine: 0.8 mm in-plane, 2.5 mm slices, LPS DICOM flipped to RAS+, origin off-centre.
 CT_AFFINE = np.array(
     [
@@ -27,20 +29,6 @@ CT_AFFINE = np.array(
 )
 
 AffineSpec = bool | np.ndarray
-
-
-def body_phantom(shape: Sequence[int], seed: int = 0) -> np.ndarray:
-    """CT-like float64 volume of ``shape`` (spatial axes first): -1000 HU air outside an ellipsoid body,
-    soft tissue 0..300 HU inside (a smooth gradient plus a little noise); extra axes repeat the volume."""
-    spatial = tuple(int(n) for n in shape[:3])
-    axes = [np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1) for n in spatial]
-    x, y, z = np.meshgrid(*axes, indexing="ij")
-    inside = (x / 0.8) ** 2 + (y / 0.7) ** 2 + (z / 0.9) ** 2 <= 1.0
-    rng = np.random.default_rng(seed)
-    tissue = 150.0 + 100.0 * x + 40.0 * z + rng.normal(0.0, 5.0, spatial)
-    vol = np.where(inside, np.clip(tissue, 0.0, 300.0), -1000.0)
-    extra = tuple(int(n) for n in shape[3:])
-    return np.broadcast_to(vol.reshape(spatial + (1,) * len(extra)), spatial + extra).copy()
 
 
 def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -95,7 +83,7 @@ def make_nifti(
         shape: data shape, e.g. (16, 12, 10) or (16, 12, 10, 1).
         affine: voxel -> RAS+ mm (4, 4); default :data:`CT_AFFINE`. May be invalid (zero/NaN/sheared).
         dtype: on-disk voxel dtype (int16, uint8, complex64, an RGB structured dtype, ...).
-        data: voxel values (stored as given, cast to ``dtype``); default :func:`body_phantom`.
+        data: voxel values (stored as given, cast to ``dtype``); default :func:`nvseg_ray.synthetic.tissue_phantom`.
         qform / sform: True, False or an explicit (4, 4) affine (see :func:`_set_transform`).
         scl_slope / scl_inter: written into the header as-is; the stored values are *not* rescaled.
         zooms: overrides pixdim[1:4] after the transforms are set (to make pixdim disagree with them).
@@ -107,7 +95,7 @@ def make_nifti(
     """
     affine = CT_AFFINE if affine is None else np.asarray(affine, dtype=np.float64)
     dtype = np.dtype(dtype)
-    values = body_phantom(shape) if data is None else np.asarray(data)
+    values = tissue_phantom(shape) if data is None else np.asarray(data)
     stored = values if values.dtype == dtype else _cast(values, dtype)
     klass = nib.Nifti2Image if nifti2 else nib.Nifti1Image
     raw = bytearray(klass(stored, np.eye(4)).to_bytes())

@@ -16,8 +16,9 @@ import pytest
 from nvseg_ray import io as nio
 from nvseg_ray import validation as val
 from nvseg_ray.errors import ConfigError, InputError
+from nvseg_ray.synthetic import tissue_phantom
 
-from .helpers import CT_AFFINE, body_phantom, make_nifti, nifti_bytes, write_nifti_file
+from .helpers import CT_AFFINE, make_nifti, nifti_bytes, write_nifti_file
 
 URI = "s3://bucket/cases/case_001.nii.gz"
 
@@ -37,7 +38,7 @@ def _scaled_columns(affine: np.ndarray, factors: tuple[float, float, float]) -> 
 
 def _with_voxels(shape: tuple[int, ...], **voxels: float) -> np.ndarray:
     """Phantom data with specific voxels overwritten, e.g. ``_with_voxels(s, nan=2, inf=1)``."""
-    data = body_phantom(shape).astype(np.float32)
+    data = tissue_phantom(shape).astype(np.float32)
     flat = data.reshape(-1)
     n_nan, n_inf = voxels.get("nan", 0), voxels.get("inf", 0)
     flat[:n_nan] = np.nan
