@@ -247,11 +247,14 @@ def serve_args(checkpoint: str, patch_size: Sequence[int], device: str, max_c: i
 
 
 def deployment_options(max_c: int) -> dict[str, dict[str, Any]]:
+    from serve_apps.app import Gateway, ModelDeployment
+
     return {
-        # production value (serve_apps/config.yaml): 2 inferences at a time per model replica; the queue is
-        # what grows with C (config: 8, which would answer 503 to 16 clients)
-        "Model": {"num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": max(4 * max_c, 16)},
-        "Gateway": {"num_replicas": 1, "max_ongoing_requests": max(2 * max_c, 32),
+        # production value (the decorator in serve_apps/app.py): 2 inferences at a time per model replica; the
+        # queue is what grows with C (production: 8, which would answer 503 to 16 clients)
+        "Model": {"num_replicas": 1, "max_ongoing_requests": ModelDeployment.max_ongoing_requests,
+                  "max_queued_requests": max(4 * max_c, 16)},
+        "Gateway": {"num_replicas": 1, "max_ongoing_requests": max(2 * max_c, Gateway.max_ongoing_requests),
                     "ray_actor_options": {"num_cpus": 1}},
         "JobStore": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
     }

@@ -27,6 +27,8 @@ DEFAULT_PERCENTILES: tuple[float, float] = (1.0, 99.0)
 DEFAULT_PATCH_SIZE: tuple[int, int, int] = (192, 192, 128)
 DEFAULT_OVERLAP = 0.25
 DEFAULT_SW_BATCH_SIZE = 1
+#: fp16 autocast on CUDA, as upstream's evaluator (ignored on CPU).
+DEFAULT_AMP = True
 #: patch dimensions must be divisible by 2 ** (len(blocks_down) - 1) for SegResNetDS2.
 PATCH_DIVISOR = 16
 #: Largest patch edge. MONAI pads an image smaller than the patch up to the patch, so the patch alone sets the
@@ -52,9 +54,17 @@ PROMPT_FIELDS = frozenset({"classes", "points", "point_labels"})
 # --- our own defaults ---------------------------------------------------------------------------------
 #: classes whose logits are materialised at once when taking the argmax (memory vs. speed).
 DEFAULT_CLASS_CHUNK_SIZE = 16
+#: 'auto': the GPU when there is one, else the CPU.
+DEFAULT_DEVICE = "auto"
+#: every one of the 345 label ids fits; a quarter of upstream's float32 file (docs/upstream.md, Outputs).
 DEFAULT_OUTPUT_DTYPE = "uint16"
 DEFAULT_OUTPUT_POSTFIX = "trans"
 DEFAULT_COMPRESSLEVEL = 1
+#: Largest volume accepted, in voxels (the input grid and the resampled model grid alike; CLI ``--max-voxels``):
+#: 2**29 = 536,870,912 voxels, a 2 GiB float32 array. Covers the largest routine scans (whole-body CT at
+#: 512 x 512 x 2000 = 524 M voxels) while refusing accidental giants (e.g. a 1024^3 micro-CT) that would
+#: exhaust host/GPU memory during resampling and sliding-window inference. :mod:`nvseg_ray.io` also applies it
+#: to a header's declared size before inflating a ``.nii.gz``.
 DEFAULT_MAX_VOXELS = 1024**3 // 2
 
 Modality = Literal["CT_BODY", "MRI_BODY", "MRI_BRAIN"]
@@ -155,8 +165,8 @@ class InferenceConfig(BaseModel):
     overlap: float = Field(DEFAULT_OVERLAP, description="window overlap fraction in [0, 0.9]")
     sw_batch_size: int = Field(DEFAULT_SW_BATCH_SIZE, ge=1, le=MAX_SW_BATCH_SIZE)
     class_chunk_size: int = Field(DEFAULT_CLASS_CHUNK_SIZE, ge=1)
-    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'")
-    amp: bool = Field(True, description="fp16 autocast on CUDA, as upstream; ignored on CPU")
+    device: str = Field(DEFAULT_DEVICE, description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'")
+    amp: bool = Field(DEFAULT_AMP, description="fp16 autocast on CUDA, as upstream; ignored on CPU")
 
     output_dtype: OutputDType = DEFAULT_OUTPUT_DTYPE
     output_layout: Literal["nested", "flat"] = "nested"

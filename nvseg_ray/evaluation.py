@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .config import DEFAULT_PATCH_SIZE, PATCH_DIVISOR, InferenceConfig, validate_config
+from .config import DEFAULT_DEVICE, DEFAULT_PATCH_SIZE, InferenceConfig, check_patch_size, validate_config
 from .engine import Prompts, Segmenter
 from .errors import EXIT_VOLUMES_FAILED, InputError, NvsegError
 from .io import join_uri, write_bytes_atomic, write_json
@@ -219,7 +219,7 @@ class EvaluateConfig(BaseModel):
                          "testing items; 'all' = every training item plus labelled testing items")
     fold: int = Field(0, ge=0)
     patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     max_actors: int = Field(1, ge=1, description="model actors (each loads the checkpoint once)")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model actor")
     label_catalog: str | None = None
@@ -233,12 +233,7 @@ class EvaluateConfig(BaseModel):
         except NvsegError as exc:
             raise ValueError(exc.message) from None
 
-    @field_validator("patch_size")
-    @classmethod
-    def _patch(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(s <= 0 or s % PATCH_DIVISOR for s in v):
-            raise ValueError(f"every patch dimension must be a positive multiple of {PATCH_DIVISOR}, got {list(v)}")
-        return v
+    _check_patch = field_validator("patch_size")(lambda cls, v: check_patch_size(v))  # the engine's own rule
 
     @classmethod
     def from_options(cls, **options: Any) -> EvaluateConfig:

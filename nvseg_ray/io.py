@@ -48,6 +48,7 @@ import nibabel as nib
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from nvseg_ray.config import DEFAULT_MAX_VOXELS  # re-exported: the voxel budget applied before inflating
 from nvseg_ray.errors import ConfigError, InputError, OutputExists, StorageError
 from nvseg_ray.errors import (  # the reason sub-codes of StorageError (re-exported: io names them in errors)
     REASON_IO_ERROR,
@@ -103,10 +104,6 @@ CODE_UNREADABLE_FILE = "unreadable_file"
 CODE_TRAILING_DATA = "trailing_data"
 CODE_TOO_LARGE = "too_large"
 
-#: 2**29 = 536,870,912 voxels: a 2 GiB float32 array. Covers the largest routine scans (whole-body CT at
-#: 512 x 512 x 2000 = 524 M voxels) while refusing accidental giants (e.g. a 1024^3 micro-CT) that would
-#: exhaust host/GPU memory during resampling and sliding-window inference.
-DEFAULT_MAX_VOXELS = 1024**3 // 2
 #: Bytes tolerated after the declared voxel data (a few writers pad files); more is ``trailing_data``.
 TRAILING_SLACK_BYTES = 64 * 1024
 #: Largest accepted ``vox_offset`` (the 348/540-byte header plus extensions, e.g. an embedded DICOM

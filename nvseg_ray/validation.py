@@ -106,8 +106,8 @@ ERROR_CODES: tuple[str, ...] = (
 # ----------------------------------------------------------------------------------------------------------
 # Default limits
 # ----------------------------------------------------------------------------------------------------------
-# DEFAULT_MAX_VOXELS (2**29 voxels, a 2 GiB float32 array) is defined in nvseg_ray.io, which applies it
-# before inflating a .nii.gz; re-exported here.
+# DEFAULT_MAX_VOXELS (2**29 voxels, a 2 GiB float32 array) is defined, with its reason, in nvseg_ray.config;
+# re-exported here (through nvseg_ray.io, which applies it before inflating a .nii.gz).
 #: Finest accepted voxel size. Clinical CT/MRI is >= ~0.2 mm; anything below 0.01 mm is microscopy or a
 #: header written in metres/centimetres instead of millimetres (0.5 mm stored as 0.0005).
 DEFAULT_MIN_SPACING_MM = 0.01

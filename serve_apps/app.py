@@ -153,6 +153,13 @@ def model_error(err: BaseException) -> NvsegError:
                             hint="retry after the Retry-After delay; if it persists, tell the operator")
 
 
+# Deployment options live here, in the decorators, and only here (serve_apps/config.yaml sets replicas, autoscaling
+# and resources; tests/test_cluster_manifests.py fails if it repeats an option set in code). Ray Serve lets a
+# config's `deployments:` entry override any of them per cluster.
+#
+# Model: 2 requests at once per replica (one runs on the GPU while the next is handed over; more only queue
+# activations in GPU memory); at most 8 waiting per replica, beyond which the Gateway answers 503 + Retry-After
+# instead of letting latency grow; a health check every 10 s (check_health: the weights are still loaded).
 @serve.deployment(name="Model", max_ongoing_requests=2, max_queued_requests=8, health_check_period_s=10)
 class ModelDeployment:
     """Loads the weights once per replica; runs only inference (GPU when the replica has one)."""
@@ -176,6 +183,8 @@ class ModelDeployment:
         self.worker.segmenter.model  # raises if the weights are gone
 
 
+# JobStore: exactly one replica (the job table is in its memory, shared by every Gateway replica); its calls are
+# dictionary look-ups, so 100 at once.
 @serve.deployment(name="JobStore", num_replicas=1, max_ongoing_requests=100)
 class JobStore:
     """In-memory job table shared by all ingress replicas (results themselves live in object storage)."""
@@ -194,6 +203,8 @@ class JobStore:
         return self.table.get(job_id)
 
 
+# Gateway: 32 requests per replica reach the app, so that beyond ServeSettings.max_inflight (default 4) in progress
+# the app itself answers 503 + Retry-After as JSON, instead of requests queueing unseen in Serve.
 @serve.deployment(name="Gateway", max_ongoing_requests=32)
 @serve.ingress(api)
 class Gateway:

@@ -456,3 +456,26 @@ def test_cluster_readme_names_real_files_and_commands():
         assert (REPO / path).exists(), f"cluster/README.md names {path}, which does not exist"
     for name in KUSTOMIZATIONS[1:]:
         assert f"kubectl apply -k cluster/{name}" in readme
+
+
+def test_serve_deployment_options_are_set_in_one_place():
+    """Each Serve deployment option has one home: the @serve.deployment decorators of serve_apps/app.py own the
+    per-replica options, serve_apps/config.yaml (and every RayService rendered from it) the replicas,
+    autoscaling and resources. Both used to set max_ongoing_requests / max_queued_requests / num_replicas."""
+    from serve_apps.app import Gateway, JobStore, ModelDeployment
+
+    code = {d.name: d for d in (Gateway, ModelDeployment, JobStore)}
+    spec = importlib.util.spec_from_file_location("_render_serve_config", CLUSTER / "render_serve_config.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    configs = {"serve_apps/config.yaml": yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())}
+    configs.update({target: render.serve_config(target) for target in render.targets()})
+    for where, config in configs.items():
+        for entry in config["applications"][0]["deployments"]:
+            in_code = code[entry["name"]]._deployment_config.user_configured_option_names - {"name"}
+            both = sorted(in_code & (set(entry) - {"name"}))
+            assert not both, f"{where}: {entry['name']} sets {both}, which serve_apps/app.py already sets"
+    # the values the service's behaviour depends on (README "HTTP service": 503 + Retry-After beyond them)
+    assert (ModelDeployment.max_ongoing_requests, ModelDeployment.max_queued_requests) == (2, 8)
+    assert Gateway.max_ongoing_requests == 32
+    assert JobStore.num_replicas == 1  # the job table lives in this one replica's memory

@@ -66,3 +66,46 @@ def test_bad_config_is_a_clear_error(tmp_path, text, match):
     with pytest.raises((ConfigError, PromptError), match=match) as err:  # prompt problems: invalid_prompt
         InferenceConfig.from_sources(path)
     assert str(path) in str(err.value) and err.value.exit_code == 2
+
+
+# ------------------------------------------------------------------ one source per default
+
+
+def test_each_engine_default_is_defined_once():
+    """DEFAULT_MAX_VOXELS lived in config.py, io.py and as a literal in serving/service.py; ServeSettings
+    re-declared the engine's types and values. Now config.py owns them and the others read them."""
+    import re
+
+    from nvseg_ray import io as nio
+    from nvseg_ray import validation
+    from nvseg_ray.serving.service import ServeSettings
+
+    sources = {p: p.read_text() for p in (REPO / "nvseg_ray").rglob("*.py")}
+    defined = [p.relative_to(REPO).as_posix() for p, text in sources.items()
+               if re.search(r"^DEFAULT_MAX_VOXELS\s*=", text, re.M)]
+    assert defined == ["nvseg_ray/config.py"]
+    assert [p.name for p, text in sources.items() if "1024**3 // 2" in text] == ["config.py"]
+    assert nio.DEFAULT_MAX_VOXELS is validation.DEFAULT_MAX_VOXELS is cfgmod.DEFAULT_MAX_VOXELS
+    serve = ServeSettings(checkpoint="model.pt")
+    engine = InferenceConfig()
+    shared = set(ServeSettings.model_fields) & set(InferenceConfig.model_fields) - {"checkpoint"}
+    assert {"device", "patch_size", "sw_batch_size", "class_chunk_size", "amp", "output_dtype", "max_voxels"} <= shared
+    for name in shared - {"brain"}:
+        assert getattr(serve, name) == getattr(engine, name), name
+    assert ServeSettings.model_fields["default_modality"].annotation == cfgmod.Modality
+    assert ServeSettings.model_fields["output_dtype"].annotation == cfgmod.OutputDType
+
+
+@pytest.mark.parametrize("bad", [{"patch_size": [1024, 16, 16]}, {"patch_size": [100, 96, 96]},
+                                 {"sw_batch_size": cfgmod.MAX_SW_BATCH_SIZE + 1}])
+def test_serve_and_evaluation_settings_use_the_engine_rules(bad):
+    """The Serve app's settings and the evaluation config apply the engine's own patch-size and window-batch
+    rules when they are read (ServeSettings checked no patch at all; evaluation only the multiple of 16)."""
+    from nvseg_ray.evaluation import EvaluateConfig
+    from nvseg_ray.serving.service import ServeSettings
+
+    with pytest.raises(ConfigError):
+        ServeSettings.from_args({"checkpoint": "model.pt", **bad})
+    if "patch_size" in bad:
+        with pytest.raises(ConfigError, match="patch"):
+            EvaluateConfig.from_options(datalist="d.json", checkpoint="m.pt", output="out", **bad)

@@ -19,7 +19,22 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
-from ..config import DEFAULT_PATCH_SIZE, BrainConfig, InferenceConfig, validate_config
+from ..config import (
+    DEFAULT_AMP,
+    DEFAULT_CLASS_CHUNK_SIZE,
+    DEFAULT_DEVICE,
+    DEFAULT_MAX_VOXELS,
+    DEFAULT_OUTPUT_DTYPE,
+    DEFAULT_PATCH_SIZE,
+    DEFAULT_SW_BATCH_SIZE,
+    MAX_SW_BATCH_SIZE,
+    BrainConfig,
+    InferenceConfig,
+    Modality,
+    OutputDType,
+    check_patch_size,
+    validate_config,
+)
 from ..engine import Prompts, SegmentationResult, Segmenter, resolve_prompts
 from ..inference import StopRequested
 from ..errors import NvsegError, PromptError, WorkAbandoned
@@ -35,7 +50,10 @@ from .limits import DEFAULT_MAX_JSON_KB
 
 OutputFormat = Literal["nrrd_zip", "nifti", "json"]
 
-# Named defaults of the service (pinned by tests/test_serve.py).
+# Named defaults of the service (pinned by tests/test_serve.py); the engine's own defaults live in nvseg_ray.config.
+#: everything-set of a request that gives no prompts (NIM's CT default; upstream's silent MRI_BODY default is
+#: a bug: docs/upstream.md, Upstream bugs, item 1).
+DEFAULT_MODALITY = "CT_BODY"
 DEFAULT_MAX_UPLOAD_MB = 512
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 DEFAULT_MAX_INFLIGHT = 4
@@ -56,16 +74,17 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str = Field(..., description="model.pt path or URI, loaded once per model replica")
-    default_modality: Literal["CT_BODY", "MRI_BODY", "MRI_BRAIN"] = "CT_BODY"
+    default_modality: Modality = Field(DEFAULT_MODALITY, description="everything-set of a request without prompts")
     label_catalog: str | None = None
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     model_gpus: float | None = Field(None, ge=0, description="GPUs per model replica; None = 1 if the cluster has GPUs")
+    # the engine's settings: defaults and bounds are InferenceConfig's (nvseg_ray.config), checked at startup
     patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE
-    sw_batch_size: int = Field(1, ge=1)
-    class_chunk_size: int = Field(16, ge=1)
-    amp: bool = True
-    output_dtype: Literal["uint8", "uint16", "int16", "int32", "float32"] = "uint16"
-    max_voxels: int = Field(1024**3 // 2, ge=1)
+    sw_batch_size: int = Field(DEFAULT_SW_BATCH_SIZE, ge=1, le=MAX_SW_BATCH_SIZE)
+    class_chunk_size: int = Field(DEFAULT_CLASS_CHUNK_SIZE, ge=1)
+    amp: bool = DEFAULT_AMP
+    output_dtype: OutputDType = DEFAULT_OUTPUT_DTYPE
+    max_voxels: int = Field(DEFAULT_MAX_VOXELS, ge=1)
     max_upload_mb: float = Field(DEFAULT_MAX_UPLOAD_MB, gt=0, description="413 above this (uploads and fetches)")
     request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, description="504 after this")
     max_inflight: int = Field(DEFAULT_MAX_INFLIGHT, ge=1, description="per ingress replica; 503 beyond")
@@ -87,6 +106,8 @@ class ServeSettings(BaseModel):
         None, description="file with one bearer token per line (a mounted Secret); None = no authentication")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     brain: BrainConfig = Field(default_factory=BrainConfig, description="brain T1 workflow for MRI_BRAIN requests")
+
+    _check_patch = field_validator("patch_size")(lambda cls, v: check_patch_size(v))
 
     @field_validator("allowed_input_prefixes", "allowed_output_prefixes")
     @classmethod
