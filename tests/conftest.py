@@ -188,7 +188,8 @@ def hf_isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server: S3Server) -> Iterator[dict[str, str]]:
     """``ray.init`` with 4 logical CPUs (more than the 2 cores, so CPU stages and actors can coexist) and the
-    S3 stand-in's endpoint/credentials in every worker's environment. Yields that environment."""
+    S3 stand-in's endpoint/credentials in every worker's environment (inherited from this process's, set before
+    ``ray.init``). Yields that environment."""
     import os
 
     ray = pytest.importorskip("ray")
@@ -196,8 +197,9 @@ def ray_cluster(s3_server: S3Server) -> Iterator[dict[str, str]]:
            "AWS_SECRET_ACCESS_KEY": S3_TEST_SECRET, "AWS_DEFAULT_REGION": S3_TEST_REGION}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING",
-             log_to_driver=False)
+    # the workers inherit this process's environment (as a locally started Ray's do): credentials never go
+    # through runtime_env, which Ray records in its logs and dashboard APIs
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield env

@@ -1,12 +1,10 @@
-"""The in-flight limiter's semantics (plain asyncio, no Ray): bounded, keyed, idempotent."""
+"""The in-flight window's semantics (plain Python, no Ray): bounded, keyed, idempotent, never blocking."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from nvseg_ray.batch.admission import InFlightLimiter, default_in_flight
+from nvseg_ray.batch.admission import InFlightWindow, default_in_flight
 
 
 def test_default_bound_grows_with_the_actor_pool():
@@ -16,29 +14,16 @@ def test_default_bound_grows_with_the_actor_pool():
 
 def test_rejects_a_zero_limit():
     with pytest.raises(ValueError, match="limit must be >= 1"):
-        InFlightLimiter(0)
+        InFlightWindow(0)
 
 
-def test_acquire_waits_for_a_release_and_keys_are_idempotent():
-    async def scenario() -> list:
-        lim = InFlightLimiter(2)
-        events = []
-        assert await lim.acquire("a") == 1
-        assert await lim.acquire("b") == 2
-        assert await lim.acquire("a") == 2  # a retried task re-acquiring its own slot never waits or counts twice
-
-        async def third() -> None:
-            await lim.acquire("c")
-            events.append("c admitted")
-
-        waiter = asyncio.ensure_future(third())
-        await asyncio.sleep(0.05)
-        events.append("c still waiting" if not waiter.done() else "c admitted early")
-        await lim.release("a")
-        await asyncio.wait_for(waiter, 1)
-        await lim.release("a")  # a second release of the same key is a no-op
-        await lim.release("never-held")
-        events.append(await lim.stats())
-        return events
-
-    assert asyncio.run(scenario()) == ["c still waiting", "c admitted", {"limit": 2, "held": 2, "peak": 2}]
+def test_acquire_refuses_when_full_and_keys_are_idempotent():
+    win = InFlightWindow(2)
+    assert win.acquire("a") and win.acquire("b")
+    assert win.acquire("a")  # a key that holds a slot keeps it: never counted twice
+    assert not win.has_room() and not win.acquire("c")  # full: refused at once, nothing waits
+    assert win.release("a") == 1
+    assert win.acquire("c")
+    assert win.release("a") == 2  # a second release of the same key is a no-op
+    win.release("never-held")
+    assert win.stats() == {"limit": 2, "held": 2, "peak": 2}

@@ -1,25 +1,25 @@
 """Admission control for the batch pipeline: at most ``limit`` volumes between "read starts" and "mask written".
 
-Ray Data's own backpressure is byte-based (an object-store budget per operator) and, with one small volume per
-block, lets every volume of a large job be read and preprocessed long before the model catches up (measured:
-all 80 of 80 volumes in flight, first mask after 73 % of the run). This module bounds the pipeline by *count*:
+Ray's own backpressure is byte-based (an object-store budget) and, with one small volume per task, lets every
+volume of a large job be read and preprocessed long before the model catches up (measured with Ray Data: all
+80 of 80 volumes in flight, first mask after 73 % of the run). This module bounds the pipeline by *count*.
 
-* :class:`InFlightLimiter` is a keyed counting semaphore (plain asyncio, hosted by a Ray actor). A key is a
-  volume's output URI; ``acquire`` waits until fewer than ``limit`` keys are held, ``release`` frees a key.
-  Both are idempotent per key, so Ray's retries (a re-executed task after a worker died) never leak or
-  double-count a slot.
-* :func:`admit` is a 0-CPU gate stage placed before read/preprocess: it blocks on ``acquire`` and passes the
-  row through. Because it reserves no CPU, waiting in it never takes a core from postprocessing, which is
-  what frees the slots (:func:`release` runs at the end of the write stage).
+The bound is kept by the driver (:mod:`.pipeline`), which is the only place that submits work: it starts
+a volume's read/preprocess task only when :meth:`InFlightWindow.acquire` succeeds and calls
+:meth:`InFlightWindow.release` when that volume's last stage returned -- written, failed in any stage, or
+lost with its worker. No task ever waits for a slot, so nothing a scheduler does to downstream work
+(backpressure, queueing, retries) can wedge admission.
+
+(An earlier design gated admission inside the Ray Data pipeline, with a 0-CPU map task blocking on a
+semaphore actor that only the last stage released. Ray Data's downstream-capacity backpressure then held
+the last stage's queued tasks while the gate task waited for them: a deadlock, hit whenever failed
+volumes -- which reach the last stage quickly and in bursts -- outnumbered the bound.)
 
 Memory then stays flat however many volumes a job has: at most ``limit`` model inputs, label maps and
 inversion records exist at any time (plus the URI rows, a few hundred bytes each).
 """
 
 from __future__ import annotations
-
-import asyncio
-from typing import Any
 
 #: volumes in flight per model actor (one running, one queued for it, one being written) ...
 IN_FLIGHT_PER_ACTOR = 3
@@ -34,8 +34,12 @@ def default_in_flight(max_actors: int, cpu_task_slots: int = 0) -> int:
     return IN_FLIGHT_PER_ACTOR * max_actors + max(IN_FLIGHT_EXTRA, cpu_task_slots)
 
 
-class InFlightLimiter:
-    """A keyed counting semaphore: at most ``limit`` distinct keys held at once (use as an async Ray actor)."""
+class InFlightWindow:
+    """A keyed, non-blocking counting window: at most ``limit`` distinct keys held at once (driver-side).
+
+    Keys are volumes' output URIs. :meth:`acquire` never waits: it says whether the key got (or already
+    had) a slot. Both calls are idempotent per key, so a volume handled twice never leaks or double-counts.
+    """
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -43,39 +47,25 @@ class InFlightLimiter:
         self.limit = limit
         self.held: set[str] = set()
         self.peak = 0
-        self._changed = asyncio.Condition()
 
-    async def acquire(self, key: str) -> int:
-        """Wait for a free slot and take it for ``key`` (at once if ``key`` already holds one); returns the count."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: key in self.held or len(self.held) < self.limit)
+    def has_room(self) -> bool:
+        """Whether a new key would get a slot now."""
+        return len(self.held) < self.limit
+
+    def acquire(self, key: str) -> bool:
+        """Take a slot for ``key`` when one is free (True at once if ``key`` already holds one); False when full."""
+        if key not in self.held:
+            if not self.has_room():
+                return False
             self.held.add(key)
             self.peak = max(self.peak, len(self.held))
-            return len(self.held)
+        return True
 
-    async def release(self, key: str) -> int:
-        """Free ``key``'s slot (no-op when it holds none); returns the count."""
-        async with self._changed:
-            self.held.discard(key)
-            self._changed.notify_all()
-            return len(self.held)
+    def release(self, key: str) -> int:
+        """Free ``key``'s slot (no-op when it holds none); returns the count still held."""
+        self.held.discard(key)
+        return len(self.held)
 
-    async def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """``{"limit", "held", "peak"}``: the bound, the slots held now, the most ever held at once."""
         return {"limit": self.limit, "held": len(self.held), "peak": self.peak}
-
-
-def admit(row: dict[str, Any], limiter: Any) -> dict[str, Any]:
-    """Gate stage (Ray Data map, 0 CPUs): block until ``limiter`` (an :class:`InFlightLimiter` actor handle)
-    gives ``row`` a slot, then pass the row on unchanged."""
-    import ray
-
-    ray.get(limiter.acquire.remote(row["output_uri"]))
-    return row
-
-
-def release(row: dict[str, Any], limiter: Any) -> None:
-    """Free ``row``'s slot once its mask and report are written (or it failed)."""
-    import ray
-
-    ray.get(limiter.release.remote(row["output_uri"]))

@@ -24,7 +24,8 @@ JOB_PROG = "batch_segment"
 
 _BATCH_FLAGS = ("input", "output", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
                 "min_actors", "max_actors", "model_node_resource", "cpu_node_resource", "max_in_flight", "max_attempts",
-                "max_failures", "progress_interval_s", "progress_bars", "run_name", "ray_address")
+                "max_failures", "progress_interval_s", "progress_bars", "wait_for_resources", "run_name",
+                "ray_address")
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +55,11 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-attempts", type=int, help="model attempts per volume when actors die (default 3)")
     g.add_argument("--max-failures", type=int, help="failed volumes tolerated with exit 0 (default 0; -1 any)")
     g.add_argument("--progress-interval-s", type=float, help="seconds between status lines (default 10)")
-    g.add_argument("--no-progress-bars", dest="progress_bars", action="store_const", const=False)
+    g.add_argument("--no-progress-bars", dest="progress_bars", action="store_const", const=False,
+                   help="leave the per-stage counts out of the status lines")
+    g.add_argument("--wait-for-resources", action=argparse.BooleanOptionalAction, default=None,
+                   help="let requests no node can satisfy (--model-gpus, --stage-memory-gb, ...) wait for an "
+                        "autoscaler instead of failing at once with exit 2 (default: wait only under KubeRay)")
     g.add_argument("--run-name", help="manifest folder name under <output>/_nvseg_runs/")
     g.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL for all workers)")

@@ -51,7 +51,10 @@ class BatchConfig(BaseModel):
     max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, description="model attempts per volume if actors die")
     max_failures: int = Field(DEFAULT_MAX_FAILURES, ge=-1, description="failed volumes tolerated (exit 0); -1 = any")
     progress_interval_s: float = Field(DEFAULT_PROGRESS_INTERVAL_S, gt=0)
-    progress_bars: bool = True
+    progress_bars: bool = Field(True, description="status lines also show how many volumes are in each stage")
+    wait_for_resources: bool | None = Field(
+        None, description="let resource requests no node can satisfy wait for an autoscaler to add nodes; "
+        "False fails fast (exit 2) before any work; None = wait only under KubeRay (its autoscaler)")
     run_name: str | None = Field(None, description="name of this run's manifest folder; default: a timestamp")
     ray_address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local Ray")
 

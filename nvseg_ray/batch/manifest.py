@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..io import join_uri, write_bytes_atomic, write_json
+from ..redaction import redact_text, redact_uri
 from .rows import MANIFEST_COLUMNS, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, TIMING_COLUMNS
 
 #: folder under the output prefix holding one sub-folder per run.
@@ -44,12 +45,24 @@ class Progress:
 
 
 def manifest_frame(rows: list[dict[str, Any]]):
-    """A pandas DataFrame with exactly :data:`MANIFEST_COLUMNS`, sorted by input URI."""
+    """A pandas DataFrame with exactly :data:`MANIFEST_COLUMNS`, sorted by input URI.
+
+    URIs and error messages are redacted (:mod:`nvseg_ray.redaction`: user-info and signed query strings
+    become ``***``), as everything printed from the frame (the summary table) then is.
+    """
     import pandas as pd
 
-    frame = pd.DataFrame([{c: r.get(c) for c in MANIFEST_COLUMNS} for r in rows], columns=list(MANIFEST_COLUMNS))
+    frame = pd.DataFrame([_redacted({c: r.get(c) for c in MANIFEST_COLUMNS}) for r in rows],
+                         columns=list(MANIFEST_COLUMNS))
     frame["t_total"] = frame[list(TIMING_COLUMNS)].sum(axis=1)
     return frame.sort_values("uri", kind="stable").reset_index(drop=True)
+
+
+def _redacted(row: dict[str, Any]) -> dict[str, Any]:
+    for column in ("uri", "output_uri"):
+        row[column] = redact_uri(row[column] or "")
+    row["error_message"] = redact_text(row["error_message"] or "")
+    return row
 
 
 def summarize(frame, *, wall_s: float, run_name: str, manifest_uri: str, n_actors: int) -> dict[str, Any]:
@@ -59,7 +72,7 @@ def summarize(frame, *, wall_s: float, run_name: str, manifest_uri: str, n_actor
     infer_s = float(processed["t_infer"].sum())
     return {
         "run": run_name,
-        "manifest": manifest_uri,
+        "manifest": redact_uri(manifest_uri),
         "total": int(len(frame)),
         "ok": int(counts.get(STATUS_OK, 0)),
         "skipped": int(counts.get(STATUS_SKIPPED, 0)),

@@ -1,13 +1,20 @@
-"""The Ray Data wiring of the batch job: a thin layer over :mod:`.stages`.
+"""The Ray wiring of the batch job: a thin layer over :mod:`.stages`, scheduled by the driver.
 
-    plan (driver) -> admit (0-CPU gate) -> read+preprocess (CPU tasks) -> model (actor pool, GPU when present)
-                  -> invert+encode+write (CPU tasks, frees the slot) -> manifest (driver)
+    plan (driver) -> read+preprocess (CPU tasks) -> model (actor pool, GPU when present)
+                  -> invert+encode+write (CPU tasks) -> manifest (driver)
 
-Rows carry URIs and compact payloads, one volume per block. The gate (:mod:`.admission`) keeps at most
-``max_in_flight`` volumes between "read starts" and "mask written", so memory stays flat however many volumes
-there are. Per-row error handling lives in the stages; this module adds placement (resources), retries of
-crashed model actors (bounded per volume through an attempt counter actor), progress reporting and the
-manifest.
+Rows carry URIs and compact payloads, one volume per task. The driver is the only place that submits work:
+it keeps at most ``max_in_flight`` volumes between "read starts" and "mask written" (:mod:`.admission`),
+hands each preprocessed volume to the least busy model actor and each segmented one to a postprocess task,
+passing Ray object references (payloads go worker to worker, the driver only ever fetches the final,
+payload-free row). A volume's slot is freed when its last stage returns, whatever the outcome -- written,
+failed (a typed or an internal error, both caught per row in :mod:`.stages`) or lost with its worker -- so a
+bad volume can never wedge the job and every run ends with a manifest. No task waits on another.
+
+Crashed model actors are restarted by Ray and their calls retried, bounded per volume through an attempt
+counter actor. Credentials never travel through Ray's ``runtime_env`` (which shows up in Ray's logs and
+dashboard APIs): workers read them from their own environment (a local Ray inherits the driver's; cluster
+pods get them from a Kubernetes Secret or an instance role); only non-secret settings are forwarded.
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
 from ..config import InferenceConfig
 from ..engine import Segmenter
-from ..errors import EXIT_VOLUMES_FAILED, NvsegError
+from ..errors import ConfigError, NvsegError
 from ..labels import LabelCatalog
-from .admission import InFlightLimiter, admit, default_in_flight, release
+from ..redaction import is_secret_env, redact_text
+from .admission import IN_FLIGHT_PER_ACTOR, InFlightWindow, default_in_flight
 from .config import BatchConfig
 from .inputs import discover
 from .manifest import Progress, format_summary, manifest_frame, run_uris, summarize, write_manifest
@@ -32,11 +41,21 @@ from .plan import checkpoint_identity, plan_rows
 from .rows import STATUS_PENDING, fail_row
 from .stages import ModelStage, postprocess_row, preprocess_row
 
-#: environment variables forwarded to Ray workers when this process starts or joins a cluster.
+#: exit status when more volumes failed than ``max_failures`` allows (same as ``nvseg segment``).
+EXIT_VOLUMES_FAILED = 3
+#: environment variables forwarded to Ray workers when this process starts or joins a cluster -- except the
+#: secret ones (:func:`nvseg_ray.redaction.is_secret_env`: keys, tokens, passwords, credential files).
 FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "NVSEG_")
 CODE_PIPELINE_ERROR = "pipeline_error"
+#: a volume's task or actor was lost (its worker or node died) more often than ``max_attempts`` allows.
+CODE_WORKER_LOST = "worker_lost"
+CODE_UNSATISFIABLE = "unsatisfiable_resources"
 #: fault injection (tests only): a model actor exits abruptly when a volume URI contains this value.
 FAULT_INJECTION_ENV = "NVSEG_FAULT_INJECT_ACTOR_EXIT"
+#: set by KubeRay in every Ray container: the cluster has an autoscaler that may add nodes for pending work.
+KUBERAY_ENV = "KUBERAY_GEN_RAY_START_CMD"
+#: model calls queued per actor at most (one running, one waiting), so a free actor gets the next volume.
+MODEL_CALLS_PER_ACTOR = IN_FLIGHT_PER_ACTOR - 1
 
 
 @dataclass
@@ -66,17 +85,14 @@ def _preprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
     return row
 
 
-def _postprocess(row: dict[str, Any], cfg_json: str, limiter: Any) -> dict[str, Any]:
-    try:
-        row = postprocess_row(dict(row), _segmenter(cfg_json))
-        row["postprocess_node"] = _node_id()
-    finally:
-        release(row, limiter)  # the mask and report are written (or the row failed): admit the next volume
+def _postprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
+    row = postprocess_row(dict(row), _segmenter(cfg_json))
+    row["postprocess_node"] = _node_id()
     return row
 
 
 class _ModelActor:
-    """Ray Data actor: loads the weights once, then segments rows."""
+    """Model actor: loads the weights once (on the first volume), then segments rows."""
 
     def __init__(self, cfg_json: str, tracker: Any, max_attempts: int, threads: int) -> None:
         import ray
@@ -98,6 +114,10 @@ class _ModelActor:
         row["model_node"], row["model_actor"] = self.node, self.actor
         return row
 
+    def run(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The remote entry point (``__call__`` stays overridable, e.g. by the benchmark's tracing)."""
+        return self(row)
+
 
 def _maybe_inject_fault(row: dict[str, Any]) -> None:
     """Tests only: exit the worker abruptly, like an OOM kill, when the volume URI matches the env value."""
@@ -118,32 +138,38 @@ class _AttemptTracker:
 
 
 def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    """The non-secret ``AWS_*``/``HF_*``/``NVSEG_*`` variables of this process (endpoint, region, NVSEG settings).
+
+    Secrets (``AWS_SECRET_ACCESS_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SESSION_TOKEN``, ``HF_TOKEN``, credential
+    file paths, ...) are never forwarded: Ray records a runtime_env in its logs and dashboard APIs.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not is_secret_env(k)}
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), or start a local Ray."""
+    """Connect to ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), or start a local Ray.
+
+    A local Ray's workers inherit this process's environment (credentials included); a cluster's workers use
+    their own (Kubernetes Secret, instance role, ``AWS_SHARED_CREDENTIALS_FILE`` on every node).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    env = _forwarded_env()
-    runtime_env = {"env_vars": env} if env and not os.environ.get("RAY_JOB_ID") else None
-    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
-             logging_level="WARNING", configure_logging=True)
+    ray.init(address=address, log_to_driver=True, logging_level="WARNING", configure_logging=True)
 
 
-def _placement(resource: str) -> dict[str, Any]:
-    """Remote args that pin a stage to nodes advertising ``resource`` (any node when empty)."""
-    return {"resources": {resource: 0.001}} if resource else {}
+def _placement(resource: str) -> dict[str, float]:
+    """Custom resources that pin a stage to nodes advertising ``resource`` (any node when empty)."""
+    return {resource: 0.001} if resource else {}
 
 
 def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> BatchResult:
     """Segment every volume of ``cfg.input`` into ``cfg.output`` on the current Ray cluster.
 
     Returns the manifest, the summary and the exit status (0, or :data:`EXIT_VOLUMES_FAILED` when more than
-    ``cfg.max_failures`` volumes failed). Configuration, checkpoint and storage problems raise
-    :class:`~nvseg_ray.errors.NvsegError` before any volume is processed.
+    ``cfg.max_failures`` volumes failed). Configuration (including resource requests no node can satisfy),
+    checkpoint and storage problems raise :class:`~nvseg_ray.errors.NvsegError` before any volume is processed.
     """
     started = time.monotonic()
     inf = cfg.inference
@@ -175,72 +201,237 @@ def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> Batch
     return BatchResult(frame, summary, EXIT_VOLUMES_FAILED if too_many else 0)
 
 
+@dataclass
+class _Requests:
+    """What one task / actor of each stage asks Ray for (``ray.remote`` options)."""
+
+    cpu_stage: dict[str, Any]
+    model: dict[str, Any]
+
+
+def _requests(cfg: BatchConfig, gpus: float, env: dict[str, str]) -> _Requests:
+    """Remote options of the stages; ``env`` (non-secret settings only) goes into their runtime_env."""
+    runtime_env = {"env_vars": env} if env else None
+    # CPU stages reserve memory per volume (Ray then never packs more volumes on a node than fit)
+    cpu = {"memory": int(cfg.stage_memory_gb * 2**30), "runtime_env": runtime_env,
+           "resources": _placement(cfg.cpu_node_resource), "max_retries": cfg.max_attempts - 1}
+    model = {"num_cpus": cfg.model_cpus, "num_gpus": gpus, "runtime_env": runtime_env,
+             "resources": _placement(cfg.model_node_resource), "max_restarts": -1, "max_task_retries": -1}
+    return _Requests(cpu, model)
+
+
+def waits_for_resources(cfg: BatchConfig) -> bool:
+    """Whether unsatisfiable resource requests may pend (an autoscaler can add nodes) instead of failing fast:
+    ``cfg.wait_for_resources``, or, when unset, whether this runs under KubeRay (:data:`KUBERAY_ENV`)."""
+    if cfg.wait_for_resources is not None:
+        return cfg.wait_for_resources
+    return bool(os.environ.get(KUBERAY_ENV))
+
+
+def check_resources(cfg: BatchConfig, gpus: float, nodes: list[dict[str, Any]]) -> None:
+    """Raise :class:`ConfigError` (``unsatisfiable_resources``, exit 2) when no alive node of ``nodes``
+    (``ray.nodes()`` entries) can run one model actor, or one preprocess / postprocess task, as requested.
+
+    Ray would otherwise leave such work pending forever. Memory is ``stage_memory_gb`` GiB per CPU-stage task.
+    """
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    memory = cfg.stage_memory_gb * 2**30
+    asks = {
+        "a model actor": ({"CPU": cfg.model_cpus, "GPU": gpus} | _placement(cfg.model_node_resource),
+                          "--model-cpus / --model-gpus / --model-node-resource"),
+        "a preprocess task": ({"CPU": cfg.preprocess_cpus, "memory": memory} | _placement(cfg.cpu_node_resource),
+                              "--preprocess-cpus / --stage-memory-gb / --cpu-node-resource"),
+        "a postprocess task": ({"CPU": cfg.postprocess_cpus, "memory": memory} | _placement(cfg.cpu_node_resource),
+                               "--postprocess-cpus / --stage-memory-gb / --cpu-node-resource"),
+    }
+    for what, (ask, flags) in asks.items():
+        ask = {k: v for k, v in ask.items() if v}
+        if any(all(node.get(k, 0.0) >= v for k, v in ask.items()) for node in alive):
+            continue
+        largest = max(alive, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0), n.get("memory", 0.0)), default={})
+        raise ConfigError(
+            f"no node of the Ray cluster can run {what}: it asks for {_format_resources(ask)}, the largest node "
+            f"has {_format_resources({k: largest.get(k, 0.0) for k in ask})} "
+            f"({len(alive)} node(s); cluster total {_format_resources(_total(alive, ask))})",
+            hint=f"lower {flags}, or add a node that has them; on a cluster with an autoscaler pass "
+                 "--wait-for-resources to let the request wait for new nodes", code=CODE_UNSATISFIABLE)
+
+
+def _total(nodes: list[dict[str, float]], keys: dict[str, Any]) -> dict[str, float]:
+    return {k: sum(n.get(k, 0.0) for n in nodes) for k in keys}
+
+
+def _format_resources(res: dict[str, float]) -> str:
+    return ", ".join(f"{v / 2**30:.1f} GiB memory" if k == "memory" else f"{v:g} {k}" for k, v in res.items())
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    ready: Any  # ObjectRef of __ray_ready__, None once ready
+    calls: int = 0
+
+
+@dataclass
+class _Volume:
+    """A volume in flight: its planned row, the stage it is in and that stage's result reference."""
+
+    row: dict[str, Any]
+    stage: str
+    ref: Any = None
+    actor: _Actor | None = None
+
+
 def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
                   echo: Callable[[str], None]) -> tuple[list[dict], dict[str, int]]:
-    """Stream ``pending`` through the stages; returns the finished rows and the limiter's in-flight stats."""
+    """Stream ``pending`` through the stages; returns the finished rows and the in-flight window's stats."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ensure_ray(cfg.ray_address)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress_bars
     cfg_json = cfg.inference.model_dump_json()
     gpus = cfg.model_gpus if cfg.model_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
-    # the job's bookkeeping actors live on the driver's node (the head under `ray job submit`): a worker node
-    # that dies must not take them along, and losing the driver's node ends the job anyway
+    if not waits_for_resources(cfg):
+        check_resources(cfg, gpus, ray.nodes())
+    requests = _requests(cfg, gpus, _forwarded_env())  # non-secret settings set after Ray started
+    # the job's bookkeeping actor lives on the driver's node (the head under `ray job submit`): a worker node
+    # that dies must not take it along, and losing the driver's node ends the job anyway
     on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tracker = ray.remote(num_cpus=0, scheduling_strategy=on_driver)(_AttemptTracker).remote()
-    limit = cfg.max_in_flight or default_in_flight(cfg.max_actors, _cpu_task_slots(cfg))
-    limiter = ray.remote(num_cpus=0, scheduling_strategy=on_driver)(InFlightLimiter).remote(limit)
+    window = InFlightWindow(cfg.max_in_flight or default_in_flight(cfg.max_actors, _cpu_task_slots(cfg)))
+    # module attributes read here, at run time (benchmarks/bench_batch.py swaps in traced versions)
+    pre_task = ray.remote(_preprocess).options(num_cpus=cfg.preprocess_cpus, **requests.cpu_stage)
+    post_task = ray.remote(_postprocess).options(num_cpus=cfg.postprocess_cpus, **requests.cpu_stage)
+    actor_class = ray.remote(_ModelActor).options(**requests.model)
+    actor_args = {"cfg_json": cfg_json, "tracker": tracker, "max_attempts": cfg.max_attempts,
+                  "threads": int(max(1, cfg.model_cpus))}
+    actors: list[_Actor] = []
 
-    ds = ray.data.from_items(pending, override_num_blocks=len(pending))
-    # The gate below bounds the work in flight, so Ray Data's per-operator reservations are not needed, and
-    # they deadlock with it on small clusters: with 2 CPUs (1 held by the model actor), the reservation
-    # keeps the last CPU for preprocessing while it still has upstream input, i.e. while the gate waits for
-    # postprocessing to free a slot, and postprocessing never gets a CPU. Without reservations each stage
-    # runs whenever the cluster has room. (Set on this dataset's own context, not the process-wide one.)
-    ds.context.op_resource_reservation_enabled = False
-    # One gate task at a time, 0 CPUs: it waits for a free slot without holding a core (see .admission).
-    ds = ds.map(admit, fn_kwargs={"limiter": limiter}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=1))
-    # CPU stages reserve memory per volume (Ray then never packs more volumes on a node than fit); their
-    # resource request differing from the model actors' also keeps Ray Data from fusing the two stages,
-    # so preprocessing scales on its own instead of running inside the model actors.
-    env = _forwarded_env()  # reaches the workers even when Ray was started before these were set
-    runtime_env = {"env_vars": env} if env else None
-    cpu_args = {"memory": int(cfg.stage_memory_gb * 2**30), "runtime_env": runtime_env,
-                **_placement(cfg.cpu_node_resource)}
-    ds = ds.map(_preprocess, fn_kwargs={"cfg_json": cfg_json}, num_cpus=cfg.preprocess_cpus, **cpu_args)
-    ds = ds.map(_ModelActor, fn_constructor_kwargs={"cfg_json": cfg_json, "tracker": tracker,
-                                                    "max_attempts": cfg.max_attempts,
-                                                    "threads": int(max(1, cfg.model_cpus))},
-                compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-                num_cpus=cfg.model_cpus, num_gpus=gpus, runtime_env=runtime_env, **_placement(cfg.model_node_resource))
-    ds = ds.map(_postprocess, fn_kwargs={"cfg_json": cfg_json, "limiter": limiter},
-                num_cpus=cfg.postprocess_cpus, **cpu_args)
+    def start_actor() -> None:
+        handle = actor_class.remote(**actor_args)
+        actors.append(_Actor(handle, handle.__ray_ready__.remote()))
 
+    queue = deque(pending)
+    waiting_for_model: deque[_Volume] = deque()
+    by_ref: dict[Any, _Volume] = {}
     done: list[dict] = []
     stop = threading.Event()
-    ticker = threading.Thread(target=_tick, args=(stop, progress, cfg.progress_interval_s, echo), daemon=True)
+
+    def stages() -> str:  # per-stage counts for the status line (--no-progress-bars leaves them out)
+        counts = {"preprocess": 0, "model": 0, "postprocess": 0}
+        for vol in list(by_ref.values()):
+            counts[vol.stage] += 1
+        return (f" | in flight: preprocess {counts['preprocess']}, waiting {len(waiting_for_model)}, "
+                f"model {counts['model']}, postprocess {counts['postprocess']}; {len(actors)} model actor(s)")
+
+    ticker = threading.Thread(target=_tick, args=(stop, progress, cfg.progress_interval_s, echo,
+                                                  stages if cfg.progress_bars else None), daemon=True)
     ticker.start()
+
+    def finish(vol: _Volume, row: dict[str, Any]) -> None:
+        window.release(vol.row["output_uri"])
+        done.append(row)
+        progress.add(row)
+
     try:
-        for row in ds.iter_rows():
-            row = dict(row)
-            done.append(row)
-            progress.add(row)
+        for _ in range(cfg.min_actors):
+            start_actor()
+        while queue or by_ref or waiting_for_model:
+            while queue and window.has_room():  # admit: the only place a volume's work starts
+                row = queue.popleft()
+                window.acquire(row["output_uri"])
+                vol = _Volume(row, "preprocess", pre_task.remote(row, cfg_json))
+                by_ref[vol.ref] = vol
+            _dispatch_to_model(waiting_for_model, actors, by_ref)
+            if (waiting_for_model and len(actors) < cfg.max_actors
+                    and all(a.ready is None and a.calls >= MODEL_CALLS_PER_ACTOR for a in actors)):
+                start_actor()  # every started actor is busy: grow the pool (up to --max-actors)
+            watched = list(by_ref) + [a.ready for a in actors if a.ready is not None]
+            ready, _ = ray.wait(watched, num_returns=1, timeout=1.0, fetch_local=False)
+            if not ready:
+                continue
+            ready, _ = ray.wait(watched, num_returns=len(watched), timeout=0, fetch_local=False)
+            for ref in ready:
+                actor = next((a for a in actors if a.ready == ref), None)
+                if actor is not None:
+                    _actor_ready(actor, actors)
+                    continue
+                vol = by_ref.pop(ref)
+                if vol.stage == "preprocess":
+                    waiting_for_model.append(vol)  # its payload stays in the object store
+                elif vol.stage == "model":
+                    vol.actor.calls -= 1
+                    vol.stage, vol.ref = "postprocess", post_task.remote(ref, cfg_json)
+                    by_ref[vol.ref] = vol
+                else:
+                    finish(vol, _final_row(vol, ref, cfg))
+            if not actors:  # no model actor could be started: the remaining volumes cannot be segmented
+                raise _NoModelActor()
     except Exception as exc:  # the pipeline itself broke (cluster lost, ...): record, don't lose the manifest
         message = exc.message if isinstance(exc, NvsegError) else f"{type(exc).__name__}: {str(exc)[:500]}"
-        finished_uris = {r["uri"] for r in done}
-        for row in pending:
-            if row["uri"] not in finished_uris:
-                done.append(fail_row(dict(row), CODE_PIPELINE_ERROR, f"not processed: the pipeline stopped: {message}"))
+        left = [v.row for v in by_ref.values()] + [v.row for v in waiting_for_model] + list(queue)
+        for row in left:
+            done.append(fail_row(dict(row), CODE_PIPELINE_ERROR,
+                                 redact_text(f"not processed: the pipeline stopped: {message}")))
+            window.release(row["output_uri"])
+            progress.add(done[-1])
     finally:
         stop.set()
         ticker.join(timeout=1)
-        in_flight = _limiter_stats(limiter)
+        for ref, vol in by_ref.items():  # only after a failure: work of volumes already marked failed
+            if vol.stage != "model":
+                ray.cancel(ref, force=True)
+        for actor in actors:
+            ray.kill(actor.handle)
         ray.kill(tracker)
-        ray.kill(limiter)
-    echo(progress.line() + (f"; at most {in_flight['peak']} of {limit} volumes in flight" if in_flight else ""))
-    return done, in_flight
+    stats = window.stats()
+    echo(progress.line() + f"; at most {stats['peak']} of {stats['limit']} volumes in flight")
+    return done, stats
+
+
+class _NoModelActor(NvsegError):
+    code = CODE_PIPELINE_ERROR
+
+    def __init__(self) -> None:
+        super().__init__("no model actor could be started (their constructor failed; see the Ray worker logs)")
+
+
+def _actor_ready(actor: _Actor, actors: list[_Actor]) -> None:
+    """``actor``'s constructor finished: use it, or drop it when it failed (the others carry on)."""
+    import ray
+
+    try:
+        ray.get(actor.ready)
+        actor.ready = None
+    except Exception:
+        actors.remove(actor)
+
+
+def _dispatch_to_model(waiting: deque, actors: list[_Actor], by_ref: dict[Any, _Volume]) -> None:
+    """Hand preprocessed volumes, oldest first, to the least busy started actor with room in its queue."""
+    while waiting:
+        free = [a for a in actors if a.ready is None and a.calls < MODEL_CALLS_PER_ACTOR]
+        if not free:
+            return
+        actor = min(free, key=lambda a: a.calls)
+        vol = waiting.popleft()
+        vol.stage, vol.actor = "model", actor
+        vol.ref = actor.handle.run.remote(vol.ref)
+        actor.calls += 1
+        by_ref[vol.ref] = vol
+
+
+def _final_row(vol: _Volume, ref: Any, cfg: BatchConfig) -> dict[str, Any]:
+    """The finished row of ``vol`` (payload-free), or a failed row when a stage's worker was lost."""
+    import ray
+
+    try:
+        return dict(ray.get(ref))
+    except Exception as exc:  # a task's worker or node died beyond its retries, or an object was lost
+        cause = getattr(exc, "cause", None) or exc
+        return fail_row(dict(vol.row), CODE_WORKER_LOST, redact_text(
+            f"a worker running this volume was lost ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); "
+            f"gave up after {cfg.max_attempts} attempt(s) (out of memory, a crash, or a node that left)"))
 
 
 def _cpu_task_slots(cfg: BatchConfig) -> int:
@@ -257,15 +448,11 @@ def _cpu_task_slots(cfg: BatchConfig) -> int:
     return max(0, int(cpus // cfg.preprocess_cpus))
 
 
-def _limiter_stats(limiter: Any) -> dict[str, int]:
-    import ray
-
-    try:
-        return ray.get(limiter.stats.remote(), timeout=10)
-    except Exception:  # the cluster is gone: the stats are a nicety, the manifest is what matters
-        return {}
-
-
-def _tick(stop: threading.Event, progress: Progress, interval: float, echo: Callable[[str], None]) -> None:
+def _tick(stop: threading.Event, progress: Progress, interval: float, echo: Callable[[str], None],
+          detail: Callable[[], str] | None = None) -> None:
     while not stop.wait(interval):
-        echo(progress.line())
+        try:
+            extra = detail() if detail is not None else ""
+        except RuntimeError:  # the driver changed the stage tables while they were read: skip the detail once
+            extra = ""
+        echo(progress.line() + extra)

@@ -19,6 +19,20 @@ from .rows import STATUS_FAILED, STATUS_PENDING, STATUS_SKIPPED, new_row
 #: error codes of rows that fail during planning.
 CODE_OUTPUT_CONFLICT = "output_conflict"
 CODE_DUPLICATE_OUTPUT = "duplicate_output"
+CODE_INVALID_OUTPUT_NAME = "invalid_output_name"
+
+
+def output_name_problem(name: str) -> str | None:
+    """Why a manifest row's ``output_name`` is not a plain file-name stem (None when it is one).
+
+    Refused: path separators (``/``, ``\\``), ``.``/``..`` and other names starting with a dot, ``:`` (a URI
+    scheme such as ``s3://``, fsspec's ``::`` chaining, a drive letter), ``~`` and control characters -- any of
+    which could place the mask outside ``--output``.
+    """
+    if any(ch in name for ch in "/\\:") or name.startswith((".", "~")) or any(ord(ch) < 32 for ch in name):
+        return (f"output_name {name!r} is not a plain file name: paths, '..', URI schemes and '::' could write "
+                "outside --output")
+    return None
 
 
 def checkpoint_identity(uri: str, storage_options: dict | None = None) -> str:
@@ -60,6 +74,11 @@ def plan_rows(items: Sequence[WorkItem], output: str, cfg: InferenceConfig, cata
     seen: dict[str, str] = {}
     for item in items:
         row = new_row(item.uri, item.rel_dir)
+        problem = output_name_problem(item.output_name) if item.output_name else None
+        if problem:
+            rows.append(_fail(row, CODE_INVALID_OUTPUT_NAME, f"{item.uri}: {problem}",
+                              "give output_name as a bare stem such as 'case_0042' (letters, digits, '_', '-', '.')"))
+            continue
         stem_source = f"{item.output_name}.nii.gz" if item.output_name else item.uri
         row["output_uri"] = mask_uri(stem_source, output, cfg, item.rel_dir)
         try:

@@ -1,6 +1,6 @@
 """The batch pipeline's stages as plain functions over rows (no Ray here; see :mod:`.pipeline`).
 
-``preprocess_row`` (CPU): read + validate + prepare -> ``model_input`` voxels and the small inversion record.
+``preprocess_row`` (CPU): refuse non-regular local files, read + validate + prepare -> ``model_input`` voxels and the small inversion record.
 ``ModelStage.run`` (GPU/CPU actor): sliding-window inference -> ``labels`` on the model grid.
 ``postprocess_row`` (CPU): invert to the input grid, cast, statistics, encode, write mask + report.
 
@@ -24,6 +24,7 @@ from ..errors import NvsegError
 from ..io import encode_nifti, write_bytes_atomic, write_json
 from ..output import build_report, mask_image, report_uri
 from ..timing import timed
+from .inputs import check_regular_file
 from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
 
 CODE_INTERNAL = "internal_error"
@@ -61,6 +62,7 @@ def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
         return row
     timings: dict[str, float] = {}
     try:
+        check_regular_file(row["uri"])  # a named pipe or a link to /dev/zero would block the read forever
         volume = segmenter.read(row["uri"], timings)
         prepared = segmenter.prepare(volume, timings, modality=row["modality"] or None)
         voxels, record = prepared.split()
