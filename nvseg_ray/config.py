@@ -2,8 +2,9 @@
 
 One :class:`InferenceConfig` drives the CLI, the batch job and the Serve app. Its defaults are the
 upstream NV-Segment-CTMR ``configs/inference.json`` values *as they actually take effect* (see
-UPSTREAM.md §5 and §12.4: the configured overlap 0.3 never reaches the inferer, 0.25 does). Values
-come, in increasing priority, from these defaults, a YAML file, and explicit overrides (CLI flags).
+docs/upstream.md, Inference, and Upstream bugs, item 4: the configured overlap 0.3 never reaches the
+inferer, 0.25 does). Values come, in increasing priority, from these defaults, a YAML file, and explicit
+overrides (CLI flags).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def check_percentiles(v: tuple[float, float]) -> tuple[float, float]:
 
 class BrainConfig(BaseModel):
     """The brain T1 workflow run before and after the model when the modality is ``MRI_BRAIN``
-    (:mod:`nvseg_ray.brain`; UPSTREAM.md §9)."""
+    (:mod:`nvseg_ray.brain`; docs/upstream.md, Brain T1 workflow)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -1,14 +1,14 @@
 """Evaluation of a checkpoint on a labelled data list: Dice per case and class, on the ORIGINAL grid.
 
-This is upstream ``evaluate.json`` (UPSTREAM.md §8) on Ray: every case is segmented by the engine (which
-already inverts the prediction back onto the input voxel grid, nearest-neighbour), its ground truth is
-relabelled local -> global with the label mapping (default ``[[1, 3]]``, MSD spleen -> spleen), and the Dice
+This is upstream ``evaluate.json`` (docs/upstream.md, Training and evaluation) on Ray: every case is segmented
+by the engine (which already inverts the prediction back onto the input voxel grid, nearest-neighbour), its
+ground truth is relabelled local -> global with the label mapping (default ``[[1, 3]]``, MSD spleen -> spleen), and the Dice
 of every mapped global class is computed at the original spacing, exactly where upstream computes it.
 
 Differences from upstream, on purpose:
 
 * Every mapped class counts in the means. Upstream's ``MeanDice(include_background=False)`` on a K-class
-  index map skips the last class (§12.11).
+  index map skips the last class (docs/upstream.md, Upstream bugs, item 11).
 * A class absent from both prediction and truth of a case has an undefined Dice: it is reported as NaN
   (``null`` in JSON) and left out of the means, instead of counting as 1 or 0.
 * Per-case failures (unreadable file, label off the image grid, ...) do not stop the run: the case is
@@ -156,8 +156,8 @@ def summarize(rows: Iterable[dict]) -> dict[str, Any]:
         ``{"classes": [{"class_id", "class_name", "mean_dice", "std_dice", "n_cases", "n_undefined"}],
         "mean_dice", "n_cases", "n_failed"}``. ``mean_dice`` of a class is the mean over cases where its Dice
         is defined (``n_cases``; ``n_undefined`` cases had it in neither map). The overall ``mean_dice`` is
-        the mean of the per-class means over ALL classes (the last one included, unlike upstream §12.11); a
-        class that is undefined in every case has ``mean_dice`` NaN and cannot enter it. NaN stays NaN here
+        the mean of the per-class means over ALL classes (the last one included, unlike upstream:
+        docs/upstream.md, Upstream bugs, item 11); a class that is undefined in every case has ``mean_dice`` NaN and cannot enter it. NaN stays NaN here
         (``summary.json`` writes ``null``).
     """
     per_class: dict[int, dict[str, Any]] = {}

@@ -1,6 +1,6 @@
 """Upstream-exact preprocessing: input grid -> model grid, and the record needed to go back.
 
-Order and parameters are those of NV-Segment-CTMR ``configs/inference.json`` (UPSTREAM.md §5):
+Order and parameters are those of NV-Segment-CTMR ``configs/inference.json`` (docs/upstream.md, Preprocessing):
 
 1. ``Spacingd`` to 1.5 mm isotropic, bilinear, border padding, float64 resampling;
 2. ``CropForegroundd`` on voxels > 0 with a 10-voxel margin (*before* intensity scaling, so on CT it
@@ -120,7 +120,7 @@ def world_points_to_model_grid(points_ijk: np.ndarray, input_affine: np.ndarray,
     """Map voxel coordinates of the input image to voxel coordinates of the model grid.
 
     ``model_ijk = inv(model_affine) @ input_affine @ input_ijk`` (both affines voxel -> RAS mm), which is
-    how upstream converts clicks (UPSTREAM.md §5 "Prompts").
+    how upstream converts clicks (docs/upstream.md, Inference: point prompts).
     """
     pts = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)
     homog = np.concatenate([pts, np.ones((len(pts), 1))], axis=1)

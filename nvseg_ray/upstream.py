@@ -1,8 +1,8 @@
 """The upstream NV-Segment-CTMR inference chain, assembled directly from MONAI as its bundle configures it.
 
 This is the *reference* that :mod:`nvseg_ray.engine` is tested and benchmarked against
-(``configs/inference.json``, UPSTREAM.md §5): ``LoadImaged`` -> ``EnsureChannelFirstd`` -> ``EnsureTyped``
--> ``Spacingd`` 1.5 mm bilinear -> ``CropForegroundd`` (> 0, margin 10) -> ``VistaPreTransformd`` (subclass
+(``configs/inference.json``; docs/upstream.md, Preprocessing): ``LoadImaged`` -> ``EnsureChannelFirstd``
+-> ``EnsureTyped`` -> ``Spacingd`` 1.5 mm bilinear -> ``CropForegroundd`` (> 0, margin 10) -> ``VistaPreTransformd`` (subclass
 expansion) -> ``ScaleIntensityRangePercentilesd`` 1..99 -> ``Orientationd`` RAS -> ``CastToTyped`` float32;
 ``SlidingWindowInfererAdapt`` (roi 192x192x128, MONAI's default overlap 0.25 and constant blending,
 replicate padding, ``with_coord``, ``transpose=True``), autocast fp16 on CUDA; ``VistaPostTransformd`` ->

@@ -165,6 +165,14 @@ def runnable_commands(text: str) -> list[str]:
     return commands
 
 
+_PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def python_blocks(text: str) -> list[str]:
+    """The source of every ``python`` code block of ``text``, in order (tests run them as written)."""
+    return _PYTHON_BLOCK.findall(text)
+
+
 def readme_section(text: str, prefix: str) -> str:
     """The body of the first section whose heading starts with ``prefix``."""
     return next(body for head, body in markdown_sections(text).items() if head.startswith(prefix))

@@ -37,7 +37,8 @@ def test_upstream_effective_defaults_are_pinned():
     assert cfg.crop_margin == 10
     assert cfg.percentiles == (1.0, 99.0)
     assert cfg.patch_size == (192, 192, 128)
-    assert cfg.overlap == 0.25  # upstream configures 0.3 but it never reaches the inferer (UPSTREAM.md §12.4)
+    # upstream configures 0.3 but it never reaches the inferer (docs/upstream.md, Upstream bugs, item 4)
+    assert cfg.overlap == 0.25
     assert cfg.sw_batch_size == 1
     assert cfg.output_dtype == "uint16" and cfg.output_postfix == "trans" and cfg.output_layout == "nested"
     assert cfg.modality is None  # upstream silently defaults to MRI_BODY; we ask

@@ -84,7 +84,8 @@ def test_summarize_counts_every_class_including_the_last() -> None:
     assert by_id[3]["mean_dice"] == pytest.approx(0.6) and by_id[3]["n_cases"] == 2
     assert by_id[1]["mean_dice"] == pytest.approx(0.2) and by_id[1]["n_undefined"] == 1
     assert by_id[6]["mean_dice"] == pytest.approx(0.9)
-    assert s["mean_dice"] == pytest.approx((0.6 + 0.2 + 0.9) / 3)  # upstream would drop class 6 (§12.11)
+    # upstream would drop class 6 (docs/upstream.md, Upstream bugs, item 11)
+    assert s["mean_dice"] == pytest.approx((0.6 + 0.2 + 0.9) / 3)
     assert s["n_cases"] == 2 and s["n_failed"] == 1
 
 

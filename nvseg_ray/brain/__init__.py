@@ -1,4 +1,5 @@
-"""Brain T1 MRI workflow (upstream ``brain_t1_preprocess``, UPSTREAM.md §9) as plain functions over arrays.
+"""Brain T1 MRI workflow as plain functions over arrays (upstream ``brain_t1_preprocess``; docs/upstream.md,
+Brain T1 workflow).
 
     skull strip -> N4 bias correction -> white-matter-peak normalisation -> affine registration to the
     brain template (world coordinates) -> resample onto the template's 1 mm grid

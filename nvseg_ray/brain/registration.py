@@ -7,8 +7,8 @@ label revert maps input points back with its inverse.
 
 Why SimpleITK rather than ANTsPy: both wrap ITK's registration and N4; SimpleITK is one self-contained wheel
 (no pandas/matplotlib/statsmodels chain), registers in physical space with the images' direction cosines
-(upstream wraps arrays with ``ants.from_numpy`` and so registers in voxel space, UPSTREAM.md §9), and exposes
-the metric value and stop condition that the quality checks record.
+(upstream wraps arrays with ``ants.from_numpy`` and so registers in voxel space: docs/upstream.md, Brain T1
+workflow), and exposes the metric value and stop condition that the quality checks record.
 """
 
 from __future__ import annotations

@@ -331,9 +331,10 @@ class LabelCatalog:
           so a group id (2/20/21) is refused unless ``expand_subclasses`` is false. No class prompt
           with points is refused too.
 
-        Difference from upstream: upstream's no-points check refuses the deprecated ids
-        {16, 129, 130, 131, 133, 137..145, 162} but accepts deprecated 155 ("ascending aorta"),
-        which has no training data. Here every class flagged deprecated (including 155) is refused.
+        Difference from upstream (docs/upstream.md, Inference: class prompts): upstream's no-points check
+        refuses the deprecated ids {16, 129, 130, 131, 133, 137..145, 162} but accepts deprecated 155
+        ("ascending aorta"), which has no training data. Here every class flagged deprecated (including 155)
+        is refused.
 
         Returns:
             The ordered, de-duplicated class ids.

@@ -25,7 +25,8 @@ _DEPRECATED_MARKER = "(deprecated)"
 
 
 def parse_class_token(token: str) -> int | str:
-    """One class prompt as typed (CLI flag, form field, manifest cell, JSON key): ``"3"`` -> 3, ``" liver "`` -> ``"liver"``.
+    """One class prompt as typed (CLI flag, form field, manifest cell, JSON key): ``"3"`` -> 3, ``" liver "`` ->
+    ``"liver"``.
 
     Only ASCII decimal digits (optionally signed, see :data:`INT_TEXT`) become an int; text that merely passes
     ``str.isdigit()`` but not ``int()`` (``"²"``, ``"3²"``) stays a name, which the catalog then refuses as an

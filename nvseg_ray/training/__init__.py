@@ -1,1 +1,4 @@
-"""Training and fine-tuning support: data lists, fold splits and label mappings (upstream §8)."""
+"""Training and fine-tuning support: data lists, fold splits and label mappings.
+
+The recipe and where it differs from upstream: docs/upstream.md, Training and evaluation.
+"""

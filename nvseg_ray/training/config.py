@@ -1,10 +1,11 @@
 """Configuration of continual-learning / finetuning runs (``jobs/train.py``).
 
 Defaults are upstream NV-Segment-CTMR ``train.json`` + ``train_continual.json`` as they take effect
-(UPSTREAM.md §8), except where upstream is broken (§12.3: the patch [192, 198, 128] is not divisible by
-16 and crashes; we use the documented finetuning patch 128³) or limited (batch size 1 only: here any
-batch size works because prompts are sampled per sample). Values come, in increasing priority, from
-these defaults, a YAML file and explicit overrides (CLI flags), exactly like :class:`BatchConfig`.
+(docs/upstream.md, Training and evaluation), except where upstream is broken (docs/upstream.md, Upstream
+bugs, item 3: the patch [192, 198, 128] is not divisible by 16 and crashes; we use the documented finetuning
+patch 128³) or limited (batch size 1 only: here any batch size works because prompts are sampled per sample).
+Values come, in increasing priority, from these defaults, a YAML file and explicit overrides (CLI flags),
+exactly like :class:`BatchConfig`.
 """
 
 from __future__ import annotations

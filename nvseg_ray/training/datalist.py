@@ -1,4 +1,4 @@
-"""Upstream-format data lists, fold splits and label mappings (UPSTREAM.md §8).
+"""Upstream-format data lists, fold splits and label mappings (docs/upstream.md, Training and evaluation).
 
 A data list is the JSON file upstream's ``train.json`` / ``evaluate.json`` read through
 ``monai.auto3dseg.utils.datafold_read`` (example: ``msd_task09_spleen_folds.json``)::
