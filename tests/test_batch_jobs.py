@@ -6,12 +6,14 @@ the in-process cluster of tests/test_batch.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -89,15 +91,16 @@ def test_killed_job_resumes_without_redoing_finished_volumes(tiny_checkpoint, tm
     assert "done (ok" in rerun.stdout  # the periodic one-line status
 
 
-@pytest.fixture
-def ray_head():
-    """A real `ray start --head --block` cluster with the job server on loopback, in its own process group
-    (stopped with killpg, so `ray stop` never touches the other test cluster)."""
+@contextlib.contextmanager
+def start_ray_head(env: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """A real `ray start --head --block` cluster with the job server on loopback, started with ``env`` (its
+    workers' environment), in its own process group (stopped with killpg, so `ray stop` never touches the
+    other test cluster). Yields the dashboard address and the cluster's temp dir (its session logs)."""
+    import shutil
     import tempfile
     import urllib.request
 
     gcs, dash = _free_port(), _free_port()
-    env = _env()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     # every port explicit: the job agent's default listen port (52365) is taken when another Ray (the in-process
     # test cluster) runs on this machine, and the job server then answers "No available agent" forever
@@ -119,27 +122,39 @@ def ray_head():
                 if time.monotonic() > deadline or head.poll() is not None:
                     raise RuntimeError("ray start --head did not come up") from None
                 time.sleep(1)
-        yield address, env
+        yield address, temp_dir
     finally:
         stop_process_group(head)
-        import shutil
-
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit_job(address: str, env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- python jobs/batch_segment.py ARGS` (retried while the job agent
+    registers, which comes after the dashboard answers on a busy machine)."""
+    submit = [str(RAY_BIN), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+              "python", "jobs/batch_segment.py", *args]
+    deadline = time.monotonic() + 300
+    while True:
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(3)
+
+
+@pytest.fixture
+def ray_head():
+    """:func:`start_ray_head` with this process's environment; yields (address, env)."""
+    env = _env()
+    with start_ray_head(env) as (address, _):
+        yield address, env
 
 
 def test_ray_job_submit_end_to_end(ray_head, tiny_checkpoint, tmp_path):
     address, env = ray_head
     inputs, out = tmp_path / "in", tmp_path / "out"
     _volumes(inputs, 3)
-    submit = [str(RAY_BIN), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-              "python", "jobs/batch_segment.py", "--input", str(inputs), "--output", str(out),
-              "--checkpoint", tiny_checkpoint, *COMMON]
-    deadline = time.monotonic() + 300  # the job agent registers after the dashboard answers (slow on a busy box)
-    while True:
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(3)
+    done = submit_job(address, env, ["--input", str(inputs), "--output", str(out), "--checkpoint", tiny_checkpoint,
+                                     *COMMON])
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in done.stdout.lower()
     assert len(_reports(out)) == 3

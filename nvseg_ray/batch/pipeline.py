@@ -20,6 +20,7 @@ pods get them from a Kubernetes Secret or an instance role); only non-secret set
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import uuid
@@ -39,7 +40,7 @@ from .inputs import discover
 from .manifest import Progress, format_summary, manifest_frame, run_uris, summarize, write_manifest
 from .plan import checkpoint_identity, plan_rows
 from .rows import STATUS_PENDING, fail_row
-from .stages import ModelStage, postprocess_row, preprocess_row
+from .stages import CODE_INTERNAL, ModelStage, postprocess_row, preprocess_row
 
 #: exit status when more volumes failed than ``max_failures`` allows (same as ``nvseg segment``).
 EXIT_VOLUMES_FAILED = 3
@@ -52,6 +53,10 @@ CODE_WORKER_LOST = "worker_lost"
 CODE_UNSATISFIABLE = "unsatisfiable_resources"
 #: fault injection (tests only): a model actor exits abruptly when a volume URI contains this value.
 FAULT_INJECTION_ENV = "NVSEG_FAULT_INJECT_ACTOR_EXIT"
+#: fault injection (tests only): ``stage:substring[,stage:substring...]`` (stage: preprocess, model, postprocess)
+#: raises a plain RuntimeError in that stage's Ray task, outside the stages' own error handling, for volumes
+#: whose URI contains the substring -- an internal error that escapes a stage.
+FAULT_RAISE_ENV = "NVSEG_FAULT_INJECT_RAISE"
 #: set by KubeRay in every Ray container: the cluster has an autoscaler that may add nodes for pending work.
 KUBERAY_ENV = "KUBERAY_GEN_RAY_START_CMD"
 #: model calls queued per actor at most (one running, one waiting), so a free actor gets the next volume.
@@ -79,7 +84,16 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _maybe_raise(stage: str, row: dict[str, Any]) -> None:
+    """Tests only: raise an untyped error in ``stage`` when :data:`FAULT_RAISE_ENV` names it and the URI."""
+    for spec in filter(None, os.environ.get(FAULT_RAISE_ENV, "").split(",")):
+        name, _, needle = spec.partition(":")
+        if name == stage and needle and needle in row["uri"]:
+            raise RuntimeError(f"injected {stage} fault")
+
+
 def _preprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
+    _maybe_raise("preprocess", row)
     row = preprocess_row(dict(row), _segmenter(cfg_json))
     row["preprocess_node"] = _node_id()
     return row
@@ -88,6 +102,7 @@ def _preprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
 def _postprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
     row = postprocess_row(dict(row), _segmenter(cfg_json))
     row["postprocess_node"] = _node_id()
+    _maybe_raise("postprocess", row)
     return row
 
 
@@ -110,6 +125,7 @@ class _ModelActor:
         return self._ray.get(self._tracker.start.remote(key))
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        _maybe_raise("model", row)
         row = self.stage.run(dict(row))
         row["model_node"], row["model_actor"] = self.node, self.actor
         return row
@@ -422,16 +438,36 @@ def _dispatch_to_model(waiting: deque, actors: list[_Actor], by_ref: dict[Any, _
 
 
 def _final_row(vol: _Volume, ref: Any, cfg: BatchConfig) -> dict[str, Any]:
-    """The finished row of ``vol`` (payload-free), or a failed row when a stage's worker was lost."""
+    """The finished row of ``vol`` (payload-free), or a failed row when a stage raised past its own error
+    handling (``internal_error``) or a stage's worker, actor or node was lost (``worker_lost``)."""
     import ray
 
     try:
         return dict(ray.get(ref))
-    except Exception as exc:  # a task's worker or node died beyond its retries, or an object was lost
-        cause = getattr(exc, "cause", None) or exc
-        return fail_row(dict(vol.row), CODE_WORKER_LOST, redact_text(
-            f"a worker running this volume was lost ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); "
-            f"gave up after {cfg.max_attempts} attempt(s) (out of memory, a crash, or a node that left)"))
+    except ray.exceptions.RayTaskError as exc:  # an exception escaped a stage function: a bug, one volume
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        if not isinstance(cause, ray.exceptions.RayError):
+            # "ray::_postprocess() ... ray::_preprocess() (pid=...)": the innermost task is where it was raised
+            tasks = _TASK_NAME.findall(str(exc))
+            stage = _STAGE_OF.get(tasks[-1].rsplit(".", 1)[-1] if tasks else "", "a stage")
+            return fail_row(dict(vol.row), CODE_INTERNAL, redact_text(
+                f"{stage} failed: {type(cause).__name__}: {_first_line(cause)}"))
+        exc = cause
+    except Exception as exc_:  # noqa: BLE001 - every other failure is the loss of a worker or of an object
+        exc = exc_
+    return fail_row(dict(vol.row), CODE_WORKER_LOST, redact_text(
+        f"a worker running this volume was lost ({type(exc).__name__}: {_first_line(exc)}); gave up after "
+        f"{cfg.max_attempts} attempt(s) (out of memory, a crash, or a node that left)"))
+
+
+_TASK_NAME = re.compile(r"ray::([\w.]+)\(")
+#: Ray task/method name -> stage named in an internal error's message.
+_STAGE_OF = {"_preprocess": "preprocess", "run": "inference", "__call__": "inference", "_postprocess": "postprocess"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "")[:300]
 
 
 def _cpu_task_slots(cfg: BatchConfig) -> int:
