@@ -200,6 +200,23 @@ class TrainingError(NvsegError):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Batch job (:mod:`nvseg_ray.batch`)
+# --------------------------------------------------------------------------------------------------------
+
+
+class ModelActorsUnavailable(NvsegError):
+    """No model actor of the batch job could be started (every constructor failed)."""
+
+    code = "pipeline_error"
+    exit_code = EXIT_CHECKPOINT
+
+    def __init__(self) -> None:
+        super().__init__("no model actor could be started (their constructor failed; see the Ray worker logs)",
+                         hint="check that --checkpoint is readable from the model nodes and that the model nodes "
+                              "have the memory/GPU the actors ask for (--model-cpus, --model-gpus)")
+
+
+# --------------------------------------------------------------------------------------------------------
 # Serving: image fetching (:mod:`nvseg_ray.serving.fetch`)
 # --------------------------------------------------------------------------------------------------------
 

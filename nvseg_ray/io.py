@@ -35,6 +35,7 @@ import math
 import os
 import posixpath
 import secrets
+import stat
 import struct
 import zlib
 from collections.abc import Mapping
@@ -103,6 +104,7 @@ CODE_TRUNCATED_FILE = "truncated_file"
 CODE_UNREADABLE_FILE = "unreadable_file"
 CODE_TRAILING_DATA = "trailing_data"
 CODE_TOO_LARGE = "too_large"
+CODE_NOT_REGULAR_FILE = "not_a_regular_file"
 
 #: Bytes tolerated after the declared voxel data (a few writers pad files); more is ``trailing_data``.
 TRAILING_SLACK_BYTES = 64 * 1024
@@ -270,14 +272,38 @@ def _storage_error(exc: BaseException, uri: str, action: str) -> StorageError:
     )
 
 
+def check_regular_file(uri: str) -> None:
+    """Raise :class:`InputError` (``not_a_regular_file``) when ``uri`` is a local path (plain or ``file://``) to
+    something other than a regular file or folder after following links: reading a named pipe blocks forever and a
+    link to ``/dev/zero`` never ends. Only ``stat`` is called (nothing is opened); object-store URIs and
+    missing files pass (the read reports those)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # folders: the read reports is_a_directory
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else
+                "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "not a regular file")
+        via = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+        raise InputError(f"{uri} is {kind}{via}, not a regular file; it was not read",
+                         hint="remove it from the input folder or manifest, or copy the volume to a regular file",
+                         code=CODE_NOT_REGULAR_FILE)
+
+
 def read_bytes(uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> bytes:
     """Return the whole content of a file or object.
 
     Raises:
+        InputError: ``not_a_regular_file`` for a local named pipe, device or socket (see :func:`check_regular_file`).
         StorageError: with ``details["reason"]`` one of ``"not_found"``, ``"permission_denied"``,
             ``"is_a_directory"``, ``"no_credentials"``, ``"missing_package"``, ``"io_error"``.
     """
     uri = os.fspath(uri)
+    check_regular_file(uri)  # a named pipe or a link to /dev/zero would block or never end
     fs, path = split_uri(uri, storage_options)
     try:
         return fs.cat_file(path)

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import io as _io
 import json
-import os
 import posixpath
-import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..io import list_volumes, read_bytes, split_uri
 from ..labels import parse_class_list, parse_class_token
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 #: error code of a local input that is not a regular file (a named pipe, a device, a socket, or a link to one).
-CODE_NOT_REGULAR_FILE = "not_a_regular_file"
 #: manifest columns: ``uri`` is required, the others optional per row.
 MANIFEST_COLUMNS = ("uri", "modality", "classes", "output_name")
 
@@ -38,28 +35,6 @@ class WorkItem:
     classes: list[int | str] | None = None
     output_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def check_regular_file(uri: str) -> None:
-    """Raise :class:`InputError` (``not_a_regular_file``) when ``uri`` is a local path (plain or ``file://``) to
-    something other than a regular file after following links: reading a named pipe blocks forever and a
-    link to ``/dev/zero`` never ends. Only ``stat`` is called (nothing is opened); object-store URIs and
-    missing files pass (the read reports those)."""
-    if "://" in uri and not uri.startswith("file://"):
-        return
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if not stat.S_ISREG(mode):
-        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else
-                "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
-                "a directory" if stat.S_ISDIR(mode) else "not a regular file")
-        via = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
-        raise InputError(f"{uri} is {kind}{via}, not a regular file; it was not read",
-                         hint="remove it from the input folder or manifest, or copy the volume to a regular file",
-                         code=CODE_NOT_REGULAR_FILE)
 
 
 def is_manifest(uri: str) -> bool:
@@ -147,8 +122,14 @@ def _opt_str(value: Any) -> str | None:
 
 
 def _classes(value: Any) -> list[int | str] | None:
+    """A manifest cell as a class list: ``"liver,3"``, a list/array of names or ids, or one bare id (an int cell
+    of a Parquet/JSONL manifest); empty or NaN -> None (the job's classes)."""
     if value is None or (isinstance(value, float) and value != value):
         return None
     if isinstance(value, str):
         return parse_class_list(value) or None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [parse_class_token(str(int(value)))]
+    if not hasattr(value, "__iter__"):  # anything else scalar (e.g. a bool cell): a name, refused when resolved
+        return parse_class_list(str(value)) or None
     return [parse_class_token(str(p)) for p in list(value)] or None

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from ..config import InferenceConfig
 from ..engine import Segmenter
-from ..errors import ConfigError, NvsegError
+from ..errors import EXIT_VOLUMES_FAILED, ConfigError, ModelActorsUnavailable, NvsegError
 from ..labels import LabelCatalog
 from ..redaction import is_secret_env, redact_text
 from .admission import IN_FLIGHT_PER_ACTOR, InFlightWindow, default_in_flight
@@ -42,8 +42,6 @@ from .plan import checkpoint_identity, plan_rows
 from .rows import STATUS_PENDING, fail_row
 from .stages import CODE_INTERNAL, ModelStage, postprocess_row, preprocess_row
 
-#: exit status when more volumes failed than ``max_failures`` allows (same as ``nvseg segment``).
-EXIT_VOLUMES_FAILED = 3
 #: environment variables forwarded to Ray workers when this process starts or joins a cluster -- except the
 #: secret ones (:func:`nvseg_ray.redaction.is_secret_env`: keys, tokens, passwords, credential files).
 FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "NVSEG_")
@@ -382,7 +380,7 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
                 else:
                     finish(vol, _final_row(vol, ref, cfg))
             if not actors:  # no model actor could be started: the remaining volumes cannot be segmented
-                raise _NoModelActor()
+                raise ModelActorsUnavailable()
     except Exception as exc:  # the pipeline itself broke (cluster lost, ...): record, don't lose the manifest
         message = exc.message if isinstance(exc, NvsegError) else f"{type(exc).__name__}: {str(exc)[:500]}"
         left = [v.row for v in by_ref.values()] + [v.row for v in waiting_for_model] + list(queue)
@@ -403,13 +401,6 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     stats = window.stats()
     echo(progress.line() + f"; at most {stats['peak']} of {stats['limit']} volumes in flight")
     return done, stats
-
-
-class _NoModelActor(NvsegError):
-    code = CODE_PIPELINE_ERROR
-
-    def __init__(self) -> None:
-        super().__init__("no model actor could be started (their constructor failed; see the Ray worker logs)")
 
 
 def _actor_ready(actor: _Actor, actors: list[_Actor]) -> None:

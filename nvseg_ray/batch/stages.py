@@ -24,7 +24,7 @@ from ..errors import NvsegError
 from ..io import encode_nifti, write_bytes_atomic, write_json
 from ..output import build_report, mask_image, report_uri
 from ..timing import timed
-from .inputs import check_regular_file
+from ..io import check_regular_file
 from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
 
 CODE_INTERNAL = "internal_error"
