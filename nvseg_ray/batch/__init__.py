@@ -1,4 +1,4 @@
-"""Batch segmentation on Ray Data (Ray is imported only when a run starts).
+"""Batch segmentation on Ray tasks and actors (Ray is imported only when a run starts).
 
 >>> from nvseg_ray.batch import BatchConfig, run_batch      # doctest: +SKIP
 >>> result = run_batch(BatchConfig(input="s3://bkt/ct/", output="s3://bkt/masks/",

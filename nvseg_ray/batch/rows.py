@@ -1,6 +1,6 @@
 """The row schema that flows through the batch pipeline and ends up in the run manifest.
 
-Rows are plain dicts with a fixed set of columns (every stage keeps every column, so Ray Data blocks
+Rows are plain dicts with a fixed set of columns (every stage keeps every column, so manifest rows
 always share one schema). Heavy payloads travel as bytes columns and are emptied once consumed:
 ``model_input`` (float32 voxels, preprocess -> model), ``labels`` (uint16 model-grid labels,
 model -> postprocess); ``inversion`` and ``volume`` are small records (a few KB).
