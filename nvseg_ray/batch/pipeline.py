@@ -14,7 +14,8 @@ bad volume can never wedge the job and every run ends with a manifest. No task w
 Crashed model actors are restarted by Ray and their calls retried, bounded per volume through an attempt
 counter actor. Credentials never travel through Ray's ``runtime_env`` (which shows up in Ray's logs and
 dashboard APIs): workers read them from their own environment (a local Ray inherits the driver's; cluster
-pods get them from a Kubernetes Secret or an instance role); only non-secret settings are forwarded.
+pods get them from a Kubernetes Secret or an instance role); only non-secret settings are forwarded
+(:func:`nvseg_ray.raytools.forwarded_env`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from typing import Any, Callable
 
 from ..config import InferenceConfig
 from ..engine import Segmenter
-from ..errors import EXIT_VOLUMES_FAILED, ConfigError, ModelActorsUnavailable, NvsegError
+from ..errors import EXIT_VOLUMES_FAILED, ConfigError, ModelActorsUnavailable
 from ..labels import LabelCatalog
-from ..redaction import is_secret_env, redact_text
+from ..raytools import CODE_PIPELINE_ERROR, ensure_ray, forwarded_env, runtime_env, stopped_message
+from ..redaction import redact_text
 from .admission import IN_FLIGHT_PER_ACTOR, InFlightWindow, default_in_flight
 from .config import BatchConfig
 from .inputs import discover
@@ -42,10 +44,6 @@ from .plan import checkpoint_identity, plan_rows
 from .rows import STATUS_PENDING, fail_row
 from .stages import CODE_INTERNAL, ModelStage, postprocess_row, preprocess_row
 
-#: environment variables forwarded to Ray workers when this process starts or joins a cluster -- except the
-#: secret ones (:func:`nvseg_ray.redaction.is_secret_env`: keys, tokens, passwords, credential files).
-FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "NVSEG_")
-CODE_PIPELINE_ERROR = "pipeline_error"
 #: a volume's task or actor was lost (its worker or node died) more often than ``max_attempts`` allows.
 CODE_WORKER_LOST = "worker_lost"
 CODE_UNSATISFIABLE = "unsatisfiable_resources"
@@ -151,28 +149,6 @@ class _AttemptTracker:
         return self.attempts[key]
 
 
-def _forwarded_env() -> dict[str, str]:
-    """The non-secret ``AWS_*``/``HF_*``/``NVSEG_*`` variables of this process (endpoint, region, NVSEG settings).
-
-    Secrets (``AWS_SECRET_ACCESS_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SESSION_TOKEN``, ``HF_TOKEN``, credential
-    file paths, ...) are never forwarded: Ray records a runtime_env in its logs and dashboard APIs.
-    """
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not is_secret_env(k)}
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS`` (as inside ``ray job submit``), or start a local Ray.
-
-    A local Ray's workers inherit this process's environment (credentials included); a cluster's workers use
-    their own (Kubernetes Secret, instance role, ``AWS_SHARED_CREDENTIALS_FILE`` on every node).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(address=address, log_to_driver=True, logging_level="WARNING", configure_logging=True)
-
-
 def _placement(resource: str) -> dict[str, float]:
     """Custom resources that pin a stage to nodes advertising ``resource`` (any node when empty)."""
     return {resource: 0.001} if resource else {}
@@ -225,11 +201,11 @@ class _Requests:
 
 def _requests(cfg: BatchConfig, gpus: float, env: dict[str, str]) -> _Requests:
     """Remote options of the stages; ``env`` (non-secret settings only) goes into their runtime_env."""
-    runtime_env = {"env_vars": env} if env else None
+    env_option = runtime_env(env)
     # CPU stages reserve memory per volume (Ray then never packs more volumes on a node than fit)
-    cpu = {"memory": int(cfg.stage_memory_gb * 2**30), "runtime_env": runtime_env,
+    cpu = {"memory": int(cfg.stage_memory_gb * 2**30), "runtime_env": env_option,
            "resources": _placement(cfg.cpu_node_resource), "max_retries": cfg.max_attempts - 1}
-    model = {"num_cpus": cfg.model_cpus, "num_gpus": gpus, "runtime_env": runtime_env,
+    model = {"num_cpus": cfg.model_cpus, "num_gpus": gpus, "runtime_env": env_option,
              "resources": _placement(cfg.model_node_resource), "max_restarts": -1, "max_task_retries": -1}
     return _Requests(cpu, model)
 
@@ -307,7 +283,7 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     gpus = cfg.model_gpus if cfg.model_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
     if not waits_for_resources(cfg):
         check_resources(cfg, gpus, ray.nodes())
-    requests = _requests(cfg, gpus, _forwarded_env())  # non-secret settings set after Ray started
+    requests = _requests(cfg, gpus, forwarded_env())  # non-secret settings set after Ray started
     # the job's bookkeeping actor lives on the driver's node (the head under `ray job submit`): a worker node
     # that dies must not take it along, and losing the driver's node ends the job anyway
     on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -382,11 +358,10 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
             if not actors:  # no model actor could be started: the remaining volumes cannot be segmented
                 raise ModelActorsUnavailable()
     except Exception as exc:  # the pipeline itself broke (cluster lost, ...): record, don't lose the manifest
-        message = exc.message if isinstance(exc, NvsegError) else f"{type(exc).__name__}: {str(exc)[:500]}"
+        message = redact_text(stopped_message(exc, "processed"))
         left = [v.row for v in by_ref.values()] + [v.row for v in waiting_for_model] + list(queue)
         for row in left:
-            done.append(fail_row(dict(row), CODE_PIPELINE_ERROR,
-                                 redact_text(f"not processed: the pipeline stopped: {message}")))
+            done.append(fail_row(dict(row), CODE_PIPELINE_ERROR, message))
             window.release(row["output_uri"])
             progress.add(done[-1])
     finally:

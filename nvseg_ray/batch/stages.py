@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import traceback
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from ..config import InferenceConfig
 from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses
 from ..errors import NvsegError
 from ..io import encode_nifti, write_bytes_atomic, write_json
+from ..raytools import internal_error_text
 from ..output import build_report, mask_image, report_uri
 from ..timing import timed
 from ..io import check_regular_file
@@ -34,11 +34,7 @@ CODE_MODEL_CRASHED = "model_worker_crashed"
 def _failure(row: dict[str, Any], exc: BaseException, stage: str) -> dict[str, Any]:
     if isinstance(exc, NvsegError):
         return fail_row(row, exc.code, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""))
-    while exc.__cause__ is not None:  # report the root cause, not MONAI's "applying transform" wrapper
-        exc = exc.__cause__
-    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-    where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
-    return fail_row(row, CODE_INTERNAL, f"{stage} failed: {type(exc).__name__}: {exc}{where}")
+    return fail_row(row, CODE_INTERNAL, f"{stage} failed: {internal_error_text(exc)}")
 
 
 def prompts_of(row: dict[str, Any], cfg: InferenceConfig) -> Prompts:
