@@ -13,10 +13,20 @@ from collections.abc import Callable
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, NvsegError
 from .redaction import redact_text
 
-__all__ = ["guarded", "internal_error_text"]
+__all__ = ["describe_exception", "guarded", "internal_error_text"]
 
 #: what a user is asked to do about an internal error (a bug).
 DEBUG_HINT = "re-run with --debug and report the traceback"
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"Type: message at file.py:line"`` of an untyped error's root cause (not MONAI's "applying transform"
+    wrapper), redacted: the ``error_message`` of a failed batch or evaluation row."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
+    return f"{type(exc).__name__}: {redact_text(str(exc))}{where}"
 
 
 def internal_error_text(exc: BaseException) -> str:

@@ -9,7 +9,6 @@ instance role); only non-secret settings are forwarded (:func:`forwarded_env`).
 from __future__ import annotations
 
 import os
-import traceback
 from typing import Any
 
 from .errors import NvsegError
@@ -47,16 +46,6 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     ray.init(address=address, log_to_driver=True, logging_level="WARNING", configure_logging=True)
-
-
-def internal_error_text(exc: BaseException) -> str:
-    """``"Type: message at file.py:line"`` of an untyped error's root cause (not MONAI's "applying transform"
-    wrapper), for a failed row's ``error_message``."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-    where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
-    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def stopped_message(exc: BaseException, what: str) -> str:

@@ -21,7 +21,7 @@ from ..config import InferenceConfig
 from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses
 from ..errors import NvsegError
 from ..io import encode_nifti, write_bytes_atomic, write_json
-from ..raytools import internal_error_text
+from ..boundary import describe_exception
 from ..output import build_report, mask_image, report_uri
 from ..timing import timed
 from ..io import check_regular_file
@@ -34,7 +34,7 @@ CODE_MODEL_CRASHED = "model_worker_crashed"
 def _failure(row: dict[str, Any], exc: BaseException, stage: str) -> dict[str, Any]:
     if isinstance(exc, NvsegError):
         return fail_row(row, exc.code, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""))
-    return fail_row(row, CODE_INTERNAL, f"{stage} failed: {internal_error_text(exc)}")
+    return fail_row(row, CODE_INTERNAL, f"{stage} failed: {describe_exception(exc)}")
 
 
 def prompts_of(row: dict[str, Any], cfg: InferenceConfig) -> Prompts:

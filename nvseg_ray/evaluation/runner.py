@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..boundary import describe_exception
 from ..engine import Segmenter
 from ..errors import EXIT_VOLUMES_FAILED, NvsegError
 from ..io import join_uri, write_bytes_atomic, write_json
 from ..labels import LabelCatalog
-from ..raytools import CODE_PIPELINE_ERROR, ensure_ray, forwarded_env, internal_error_text, runtime_env, stopped_message
+from ..raytools import CODE_PIPELINE_ERROR, ensure_ray, forwarded_env, runtime_env, stopped_message
 from ..training.datalist import DataItem, global_ids
 from .config import EvaluateConfig, select_items
 from .dice import CASE_COLUMNS, evaluate_case, format_summary, summarize
@@ -54,7 +55,7 @@ def _fail(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
         row["error_message"] = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
     else:
         row["error_code"] = CODE_INTERNAL
-        row["error_message"] = internal_error_text(exc)
+        row["error_message"] = describe_exception(exc)
     return row
 
 
