@@ -131,6 +131,62 @@ class InputError(NvsegError):
     http_status = 422
 
 
+class DicomError(InputError):
+    """A DICOM source or series cannot be used (not DICOM, no image series, unsupported modality, unreadable
+    instance). ``details`` name the series (``series_uid``) and, where one is at fault, the instance."""
+
+    code = "dicom_error"
+
+
+class DicomGeometryError(DicomError):
+    """The instances of one series do not form one regular 3-D grid. Each fault is its own subclass; ``details``
+    carry ``series_uid`` and the offending slice positions (mm along the slice normal, LPS)."""
+
+    code = "dicom_geometry"
+
+
+class DicomMissingSlice(DicomGeometryError):
+    """One or more slices are missing from an otherwise regular stack (a gap of a whole multiple of the step)."""
+
+    code = "dicom_missing_slice"
+
+
+class DicomUnevenSpacing(DicomGeometryError):
+    """Slice spacing varies along the stack (not a whole multiple of one step)."""
+
+    code = "dicom_uneven_spacing"
+
+
+class DicomGantryTilt(DicomGeometryError):
+    """The stack is sheared: slice positions do not follow the slice normal (gantry tilt)."""
+
+    code = "dicom_gantry_tilt"
+
+
+class DicomMixedGeometry(DicomGeometryError):
+    """Instances of one series differ in orientation, matrix size or pixel spacing."""
+
+    code = "dicom_mixed_geometry"
+
+
+class DicomDuplicatePosition(DicomGeometryError):
+    """Two or more instances share one slice position."""
+
+    code = "dicom_duplicate_position"
+
+
+class DicomSingleSlice(DicomGeometryError):
+    """The series has a single slice: no slice spacing, no 3-D volume."""
+
+    code = "dicom_single_slice"
+
+
+class DicomNoPixelData(DicomError):
+    """An instance of an image series carries no pixel data (or it cannot be decoded)."""
+
+    code = "dicom_no_pixel_data"
+
+
 class CheckpointError(NvsegError):
     """A checkpoint is missing, unreadable, unsafe or does not match the network."""
 

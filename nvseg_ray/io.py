@@ -229,7 +229,7 @@ def split_uri(
         raise
 
 
-def _storage_error(exc: BaseException, uri: str, action: str) -> StorageError:
+def storage_error(exc: BaseException, uri: str, action: str) -> StorageError:
     """Translate an exception from fsspec / the OS / botocore into a user-facing StorageError."""
     name = type(exc).__name__
     if isinstance(exc, FileNotFoundError):
@@ -308,7 +308,7 @@ def read_bytes(uri: str | os.PathLike[str], storage_options: Mapping[str, Any] |
     try:
         return fs.cat_file(path)
     except Exception as exc:
-        raise _storage_error(exc, uri, "read") from exc
+        raise storage_error(exc, uri, "read") from exc
 
 
 def exists(uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -324,7 +324,7 @@ def exists(uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | Non
     except FileNotFoundError:
         return False
     except Exception as exc:
-        raise _storage_error(exc, uri, "check") from exc
+        raise storage_error(exc, uri, "check") from exc
 
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -362,7 +362,7 @@ def list_volumes(uri: str | os.PathLike[str], storage_options: Mapping[str, Any]
     except StorageError:
         raise
     except Exception as exc:
-        raise _storage_error(exc, text, "list") from exc
+        raise storage_error(exc, text, "list") from exc
     lowered = tuple(s.lower() for s in suffixes)
     volumes = sorted(as_uri(p) for p in found if p.lower().endswith(lowered))
     if not volumes:
@@ -829,7 +829,7 @@ def write_bytes_atomic(
         raise OutputExists(f"Refusing to write {uri!r}: it already exists and this write may not replace it.",
                            hint="Choose a new output location (or remove the old one).", uri=uri) from exc
     except Exception as exc:
-        raise _storage_error(exc, uri, "write") from exc
+        raise storage_error(exc, uri, "write") from exc
 
 
 def write_nifti(

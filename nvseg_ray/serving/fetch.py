@@ -65,7 +65,7 @@ from ..errors import (  # the fetch family lives in errors.py (re-exported here:
     PayloadTooLarge,
     StorageError,
 )
-from ..io import _storage_error  # same package: one translation of fsspec/botocore errors
+from ..io import storage_error  # same package: one translation of fsspec/botocore errors
 from ..io import read_bytes, split_uri
 from ..redaction import redact_uri
 from .prefixes import check_location, parse_prefixes
@@ -477,9 +477,9 @@ def _fetch_storage(uri: str, policy: FetchPolicy, storage_options: Mapping[str, 
         try:
             info = fs.info(path)
         except Exception as exc:
-            raise _storage_error(exc, shown, "read") from exc
+            raise storage_error(exc, shown, "read") from exc
         if info.get("type") == "directory":
-            raise _storage_error(IsADirectoryError(path), shown, "read")
+            raise storage_error(IsADirectoryError(path), shown, "read")
         size = info.get("size")
         if size is not None and int(size) > policy.max_bytes:
             raise _too_large(shown, policy, int(size))
