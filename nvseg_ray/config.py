@@ -69,6 +69,16 @@ DEFAULT_COMPRESSLEVEL = 1
 DEFAULT_MAX_VOXELS = 1024**3 // 2
 
 Modality = Literal["CT_BODY", "MRI_BODY", "MRI_BRAIN"]
+#: ``--modality auto``: each DICOM series' Modality tag picks the everything-set (CT -> CT_BODY, MR -> MRI_BODY;
+#: MRI_BRAIN only when asked for by name). NIfTI carries no modality, so ``auto`` is refused for NIfTI input.
+MODALITY_AUTO = "AUTO"
+#: What is written per volume: ``auto`` = NIfTI + DICOM SEG for DICOM input, NIfTI for NIfTI input (a SEG needs
+#: the source instances it references, which NIfTI input does not have).
+OutputFormat = Literal["auto", "nifti", "dicom-seg", "both"]
+DEFAULT_OUTPUT_FORMAT = "auto"
+#: BINARY (the classic Segmentation Storage SOP class) is what every viewer and PACS reads; LABELMAP (2024) is
+#: smaller and faster to write but older viewers, PACS and dciodvfy do not know it yet.
+DEFAULT_SEG_TYPE = "binary"
 OutputDType = Literal["uint8", "uint16", "int16", "int32", "float32"]
 
 
@@ -137,6 +147,17 @@ class BrainConfig(BaseModel):
         return self
 
 
+class DicomConfig(BaseModel):
+    """How DICOM series are read and DICOM SEG objects written (:mod:`nvseg_ray.dicom`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    resample: bool = Field(False, description="resample an irregular stack (uneven spacing, a missing slice, gantry "
+                           "tilt) onto a regular grid instead of refusing it; the report says so")
+    seg_type: Literal["binary", "labelmap"] = Field(DEFAULT_SEG_TYPE, description="binary: classic Segmentation "
+                                                    "Storage (every viewer); labelmap: Label Map SEG (smaller, newer)")
+
+
 class InferenceConfig(BaseModel):
     """Everything that decides what the engine computes and where it writes.
 
@@ -147,7 +168,8 @@ class InferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     checkpoint: str | None = Field(None, description="model.pt path or fsspec URI")
-    modality: Modality | None = Field(None, description="everything-set when no classes are given")
+    modality: Modality | Literal["AUTO"] | None = Field(
+        None, description="everything-set when no classes are given; AUTO: from each DICOM series' Modality tag")
     classes: list[StrictInt | str] | None = Field(None, description="class ids or names; None = everything")
     points: list[tuple[float, float, float]] | None = Field(
         None, description="point prompts, voxel coordinates (i, j, k) of the INPUT image; finite, and inside "
@@ -173,6 +195,9 @@ class InferenceConfig(BaseModel):
     output_layout: Literal["nested", "flat"] = "nested"
     output_postfix: str = Field(DEFAULT_OUTPUT_POSTFIX, description="mask file-name fragment: letters, digits, "
                                 "'.', '_', '-' (no path separators), at most 64 characters; '' for none")
+    output_format: OutputFormat = Field(DEFAULT_OUTPUT_FORMAT, description="nifti, dicom-seg, both, or auto (both "
+                                        "for DICOM input, nifti for NIfTI input)")
+    dicom: DicomConfig = Field(default_factory=DicomConfig, description="DICOM series reading and SEG writing")
     compresslevel: int = Field(DEFAULT_COMPRESSLEVEL, ge=0, le=9)
     overwrite: bool = False
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, ge=1)
@@ -254,17 +279,35 @@ class InferenceConfig(BaseModel):
         data: dict[str, Any] = load_yaml_mapping(yaml_path) if yaml_path is not None else {}
         return validate_config(cls, merge_overrides(data, overrides), source=str(yaml_path) if yaml_path else "options")
 
+    def output_formats(self, *, dicom: bool) -> tuple[bool, bool]:
+        """``(write_nifti, write_seg)`` for a DICOM series (``dicom``) or a NIfTI volume.
+
+        Raises:
+            ConfigError: ``dicom-seg`` / ``both`` for NIfTI input (a SEG references source instances).
+        """
+        fmt = self.output_format
+        if fmt == "auto":
+            return True, dicom
+        if not dicom and fmt != "nifti":
+            raise ConfigError(f"--output-format {fmt} needs DICOM input: a DICOM SEG references the source series' "
+                              "instances, which a NIfTI volume does not have",
+                              hint="use --output-format nifti (the default for NIfTI input), or give the DICOM series")
+        return fmt in ("nifti", "both"), fmt in ("dicom-seg", "both")
+
     def uses_brain_workflow(self, modality: str | None = None) -> bool:
         """Whether a volume of ``modality`` (default: the configured one) runs the brain T1 workflow."""
         return (modality or self.modality) == "MRI_BRAIN" and self.brain.preprocess == "full"
 
-    def resume_key_fields(self, modality: str | None = None) -> dict[str, Any]:
-        """The settings that change the mask of a volume of ``modality`` (default: the configured one); hashed
-        into batch-job output keys. The brain settings count only for MRI_BRAIN volumes."""
+    def resume_key_fields(self, modality: str | None = None, *, dicom: bool = False) -> dict[str, Any]:
+        """The settings that change the outputs of a volume of ``modality`` (default: the configured one); hashed
+        into batch-job output keys. The brain settings count only for MRI_BRAIN volumes, the DICOM settings and the
+        output format only for DICOM series."""
         fields = {"modality", "classes", "points", "point_labels", "expand_subclasses", "spacing", "crop_margin",
                   "percentiles", "patch_size", "overlap", "output_dtype", "label_catalog"}
         if (modality or self.modality) == "MRI_BRAIN":
             fields.add("brain")
+        if dicom:
+            fields |= {"dicom", "output_format"}
         return self.model_dump(include=fields)
 
 

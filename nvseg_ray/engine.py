@@ -7,13 +7,15 @@ actor; :meth:`Segmenter.segment` runs them all in-process for the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .config import InferenceConfig
+from .config import MODALITY_AUTO, InferenceConfig
+from .dicom.series import DicomSeries
 from .errors import ConfigError, PromptError
 from .inference import ShouldStop, check_window_count, resolve_device, segment_classes, segment_points
 from .labels import LabelCatalog
@@ -21,9 +23,9 @@ from .model import LoadedModel, checkpoint_label_info, load_model
 from .postprocess import cast_labels, invert_labels, label_statistics
 from .preprocess import PreparedVolume, build_preprocessing, prepare
 from .timing import timed
-from .validation import ValidatedVolume, VolumeLimits, check_model_input, read_and_validate
+from .validation import ValidatedVolume, VolumeLimits, check_model_input, read_and_validate, validate_nifti
 
-STAGES = ("read", "preprocess", "infer", "postprocess", "write")
+STAGES = ("read", "preprocess", "infer", "postprocess", "write", "seg")
 
 
 @dataclass
@@ -65,15 +67,46 @@ def expands_subclasses(cfg: InferenceConfig) -> bool:
     return bool(checkpoint_label_info(cfg.checkpoint, cfg.storage_options).get("expand_subclasses", True))
 
 
-def resolve_prompts(cfg: InferenceConfig, catalog: LabelCatalog, *, classes: Sequence[int | str] | None = None,
-                    modality: str | None = None) -> Prompts:
-    """Turn the configured (or per-volume) class names/ids / modality into global ids.
+def auto_modality(dicom_modality: str | None, *, classes_given: bool, uri: str = "") -> str | None:
+    """The everything-set ``--modality auto`` picks for a volume whose DICOM Modality tag is ``dicom_modality``
+    (None: a NIfTI volume). With explicit classes the modality only matters for the brain workflow, so an unknown
+    one is then no error.
 
     Raises:
-        PromptError: unknown class, refused id, unknown modality, or neither classes nor modality.
+        PromptError: ``auto`` for NIfTI input, or a DICOM modality other than CT / MR (``unsupported_modality``).
+    """
+    from .dicom.series import AUTO_MODALITY
+
+    if dicom_modality is None:
+        if classes_given:
+            return None
+        raise PromptError(f"--modality auto needs DICOM input (the Modality tag decides); {uri or 'this input'} is "
+                          "NIfTI, which records no modality",
+                          hint="give --modality CT_BODY, MRI_BODY or MRI_BRAIN for NIfTI volumes")
+    picked = AUTO_MODALITY.get(dicom_modality.upper())
+    if picked is None and not classes_given:
+        raise PromptError(f"{uri or 'this series'} has Modality {dicom_modality!r}; nvseg-ray segments CT and MR "
+                          "series only (--modality auto maps CT to CT_BODY and MR to MRI_BODY)",
+                          hint="give --modality explicitly if this really is a CT or MR image, or leave the series out",
+                          code="unsupported_modality", modality=dicom_modality)
+    return picked
+
+
+def resolve_prompts(cfg: InferenceConfig, catalog: LabelCatalog, *, classes: Sequence[int | str] | None = None,
+                    modality: str | None = None, dicom_modality: str | None = None, uri: str = "") -> Prompts:
+    """Turn the configured (or per-volume) class names/ids / modality into global ids.
+
+    ``modality`` (per volume) wins over ``cfg.modality``; ``AUTO`` is resolved from ``dicom_modality`` (the
+    series' Modality tag; None for NIfTI input) by :func:`auto_modality`.
+
+    Raises:
+        PromptError: unknown class, refused id, unknown modality, ``auto`` without a usable DICOM modality, or
+            neither classes nor modality.
     """
     classes = list(classes) if classes is not None else cfg.classes
     modality = modality or cfg.modality
+    if modality is not None and modality.upper() == MODALITY_AUTO:
+        modality = auto_modality(dicom_modality, classes_given=bool(classes), uri=uri)
     with_points = cfg.points is not None
     if not classes and not modality:
         raise PromptError(
@@ -103,7 +136,9 @@ class Segmenter:
                  catalog: LabelCatalog | None = None) -> None:
         self.cfg = cfg
         self.catalog = catalog or LabelCatalog.load(cfg.label_catalog)
-        self.prompts = resolve_prompts(cfg, self.catalog) if (cfg.classes or cfg.modality) else None
+        # per-volume under --modality auto (each DICOM series' Modality tag decides)
+        self.prompts = (resolve_prompts(cfg, self.catalog) if (cfg.classes or cfg.modality)
+                        and cfg.modality != MODALITY_AUTO else None)
         self.transforms = build_preprocessing(cfg)
         self.limits = VolumeLimits(max_voxels=cfg.max_voxels)
         self._model = model
@@ -129,10 +164,23 @@ class Segmenter:
         return self._model
 
     # -- stages -------------------------------------------------------------------------------------
-    def read(self, uri: str, timings: dict[str, float] | None = None) -> ValidatedVolume:
-        """Read and validate one NIfTI volume (CPU)."""
+    def read(self, source: str | DicomSeries, timings: dict[str, float] | None = None) -> ValidatedVolume:
+        """Read and validate one NIfTI volume, or assemble and validate one DICOM series (CPU).
+
+        A DICOM series is assembled onto its own grid (:func:`nvseg_ray.dicom.assembly.load_series`: slices ordered
+        along the normal, LPS -> RAS, rescale applied), then checked by the same rules as a NIfTI file; the
+        returned volume's ``dicom`` holds the source headers (no pixel data) for the DICOM SEG.
+        """
         with timed(timings if timings is not None else {}, "read"):
-            return read_and_validate(uri, self.cfg.storage_options, self.limits)
+            if isinstance(source, str):
+                return read_and_validate(source, self.cfg.storage_options, self.limits)
+            from .dicom.assembly import load_series
+
+            assembled = load_series(source, self.cfg.storage_options, resample=self.cfg.dicom.resample,
+                                    max_voxels=self.cfg.max_voxels)
+            volume = validate_nifti(assembled.image, uri=source.uri, limits=self.limits)
+            return dataclasses.replace(volume, source_dtype=assembled.source_dtype,
+                                       dicom=dataclasses.replace(assembled, image=None))
 
     def prepare(self, volume: ValidatedVolume, timings: dict[str, float] | None = None,
                 modality: str | None = None) -> PreparedVolume:
@@ -206,8 +254,8 @@ class Segmenter:
         return SegmentationResult(labels=out, volume=volume, prompts=prompts, statistics=stats, timings=timings,
                                   brain=prepared.brain.to_json() if prepared.brain is not None else None)
 
-    def segment(self, uri: str, prompts: Prompts | None = None) -> SegmentationResult:
-        """All stages for one volume, in-process."""
+    def segment(self, uri: str | DicomSeries, prompts: Prompts | None = None) -> SegmentationResult:
+        """All stages for one volume (a NIfTI URI or a DICOM series), in-process."""
         timings: dict[str, float] = {}
         volume = self.read(uri, timings)
         prepared = self.prepare(volume, timings, modality=(prompts or self._prompts(None)).modality)

@@ -7,6 +7,11 @@ Layout (upstream's ``SaveImaged`` with ``separate_folder`` and postfix ``trans``
 
 Next to every mask: ``<mask name without .nii.gz>.json`` with the label table, prompts, model
 checksum, timings and versions.
+
+A DICOM series is named by its SeriesInstanceUID inside a folder of its StudyInstanceUID
+(``<output_dir>/<study uid>/<series uid>/<series uid>_<postfix>.nii.gz``), never by anything from the patient; its
+DICOM SEG is ``<mask name without .nii.gz>.seg.dcm`` next to the mask, or is stored into the source study with
+STOW-RS when the output is a DICOMweb root.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ import nibabel as nib
 import numpy as np
 
 from .config import InferenceConfig
+from .dicom.series import DicomSeries
 from .engine import SegmentationResult
 from .errors import InputError, OutputExists
+from .labels import LabelCatalog
 from .io import encode_nifti, exists, join_uri, uri_stem, write_bytes_atomic, write_json
 from .redaction import redact_uri
+from .timing import timed
 
 NIFTI_SUFFIX = ".nii.gz"
+SEG_SUFFIX = ".seg.dcm"
 REPORT_FORMAT = "nvseg-segmentation-report/1"
 
 
@@ -51,6 +60,21 @@ def mask_uri(input_uri: str, output_dir: str, cfg: InferenceConfig, rel_dir: str
     if cfg.output_layout == "nested":
         parts.append(stem)
     return join_uri(output_dir, *parts, name)
+
+
+def output_location(source: str | DicomSeries, output_dir: str, cfg: InferenceConfig, rel_dir: str = "",
+                    output_name: str | None = None) -> str:
+    """The mask URI of a NIfTI input or a DICOM series (see the module docstring); ``output_name`` replaces the
+    stem (batch manifests)."""
+    if isinstance(source, DicomSeries):
+        stem = output_name or source.key
+        return mask_uri(f"{stem}{NIFTI_SUFFIX}", output_dir, cfg, rel_dir=rel_dir or source.study_instance_uid)
+    return mask_uri(f"{output_name}{NIFTI_SUFFIX}" if output_name else source, output_dir, cfg, rel_dir)
+
+
+def seg_uri(mask: str) -> str:
+    """``.../scan_trans.nii.gz`` -> ``.../scan_trans.seg.dcm``."""
+    return (mask[: -len(NIFTI_SUFFIX)] if mask.endswith(NIFTI_SUFFIX) else mask) + SEG_SUFFIX
 
 
 def earlier_claims(pairs: Iterable[tuple[str, str]]) -> list[str | None]:
@@ -151,38 +175,107 @@ def build_report(result: SegmentationResult, *, input_uri: str, output_uri: str,
     }
 
 
-def refuse_existing(output_uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Raise :class:`~nvseg_ray.errors.OutputExists` (409) when the mask ``output_uri`` or its report exists.
+def refuse_existing(output_uri: str, storage_options: dict[str, Any] | None = None, *,
+                    with_report: bool = True) -> None:
+    """Raise :class:`~nvseg_ray.errors.OutputExists` (409) when ``output_uri`` or (``with_report``) its report exists.
 
     Raises:
         OutputExists: either exists.
         StorageError: the storage could not be asked.
     """
-    for target in (output_uri, report_uri(output_uri)):
+    for target in (output_uri, report_uri(output_uri)) if with_report else (output_uri,):
         if exists(target, storage_options):
             raise OutputExists(f"Refusing to write {redact_uri(target)!r}: it already exists.",
                                hint="Choose a new output_uri (existing masks and reports are never replaced).",
                                uri=redact_uri(target))
 
 
+def write_seg(result: SegmentationResult, *, target: str, cfg: InferenceConfig, seed: str,
+              model_sha256: str | None, catalog: LabelCatalog, overwrite: bool = True) -> dict[str, Any]:
+    """Build the DICOM SEG of ``result`` (a DICOM series' mask) and write it to ``target``: a file URI, or a
+    DICOMweb root (stored into the source study with STOW-RS). Returns the report's ``dicom.seg`` entry.
+
+    ``seed`` (the batch resume key, or the input identity) fixes the SEG's Series and SOP Instance UIDs, so writing
+    the same result again replaces the same object instead of adding a series to the PACS.
+    """
+    from .dicom.dicomweb import is_dicomweb_url, store
+    from .dicom.seg import build_seg, encode_seg
+
+    assembled = result.volume.dicom
+    version = package_versions().get("nvseg-ray", "unknown")
+    ds = build_seg(np.asarray(result.labels), assembled, catalog=catalog, seg_type=cfg.dicom.seg_type, seed=seed,
+                   model_sha256=model_sha256, algorithm_version=version)
+    if is_dicomweb_url(target):
+        store(target, [ds])
+        where = f"{target.rstrip('/')}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        nbytes = None
+    else:
+        data = encode_seg(ds)
+        write_bytes_atomic(data, target, cfg.storage_options, overwrite=overwrite)
+        where, nbytes = target, len(data)
+    return {"uri": redact_uri(where), "seg_type": cfg.dicom.seg_type, "series_instance_uid": str(ds.SeriesInstanceUID),
+            "sop_instance_uid": str(ds.SOPInstanceUID), "segments": len(ds.SegmentSequence), "bytes": nbytes}
+
+
+def dicom_report(result: SegmentationResult) -> dict[str, Any] | None:
+    """The report's ``dicom`` section of a DICOM series (series facts, no patient identifiers), else None."""
+    assembled = result.volume.dicom
+    if assembled is None:
+        return None
+    return {**assembled.series.summary(), "resampled": bool(assembled.resampled), "notes": list(assembled.notes)}
+
+
+def write_outputs(result: SegmentationResult, *, input_uri: str, output_uri: str | None, cfg: InferenceConfig,
+                  model_uri: str | None, model_sha256: str | None, overwrite: bool = True,
+                  seg_target: str | None = None, seed: str = "", catalog: LabelCatalog | None = None,
+                  report_target: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write what the configured output format asks for -- the NIfTI mask (``output_uri``; None: not wanted), the
+    DICOM SEG (``seg_target``; None: not wanted) -- then the JSON report (``report_target``, default next to the
+    mask; None with no mask: not written). Returns the report. ``extra`` entries are added to the report.
+
+    The report is written last, so a report's presence means every output it lists is complete. With
+    ``overwrite=False`` nothing existing is replaced (see :func:`refuse_existing`).
+    """
+    start = time.perf_counter()
+    if report_target is None and output_uri is not None:
+        report_target = report_uri(output_uri)
+    if not overwrite:
+        for target in (output_uri, report_target, seg_target):
+            if target and not _is_dicomweb(target):
+                refuse_existing(target, cfg.storage_options, with_report=False)
+    if output_uri is not None:
+        data = encode_nifti(mask_image(result), compresslevel=cfg.compresslevel)
+        write_bytes_atomic(data, output_uri, cfg.storage_options, overwrite=overwrite)
+    result.timings["write"] = result.timings.get("write", 0.0) + time.perf_counter() - start
+    seg = None
+    if seg_target is not None:  # timed on its own: building a SEG costs more than encoding a NIfTI
+        with timed(result.timings, "seg"):
+            seg = write_seg(result, target=seg_target, cfg=cfg, seed=seed or input_uri, model_sha256=model_sha256,
+                            catalog=catalog or LabelCatalog.load(cfg.label_catalog), overwrite=overwrite)
+    report = build_report(result, input_uri=input_uri, output_uri=output_uri or "", cfg=cfg, model_uri=model_uri,
+                          model_sha256=model_sha256)
+    dicom = dicom_report(result)
+    if dicom is not None:
+        report["dicom"] = {**dicom, **({"seg": seg} if seg else {})}
+    report.update(extra or {})
+    if report_target is not None:
+        write_json(report, report_target, cfg.storage_options, overwrite=overwrite)
+    return report
+
+
+def _is_dicomweb(uri: str) -> bool:
+    from .dicom.dicomweb import is_dicomweb_url
+
+    return is_dicomweb_url(uri)
+
+
 def write_result(result: SegmentationResult, *, input_uri: str, output_uri: str, cfg: InferenceConfig,
                  model_uri: str | None, model_sha256: str | None, overwrite: bool = True) -> dict[str, Any]:
-    """Encode and write the mask, then its JSON report (each atomically); returns the report.
-
-    The report is written last, so a report's presence means its mask is complete.
+    """Encode and write the NIfTI mask, then its JSON report (each atomically); returns the report.
 
     ``overwrite=False`` (the HTTP service's default): :class:`~nvseg_ray.errors.OutputExists` when the mask
     or its report already exists. Both are checked before anything is written, and each write is itself
     exclusive (see :func:`nvseg_ray.io.write_bytes_atomic`), so an existing object is never replaced.
     """
-    start = time.perf_counter()
-    report_target = report_uri(output_uri)
-    if not overwrite:
-        refuse_existing(output_uri, cfg.storage_options)
-    data = encode_nifti(mask_image(result), compresslevel=cfg.compresslevel)
-    write_bytes_atomic(data, output_uri, cfg.storage_options, overwrite=overwrite)
-    result.timings["write"] = result.timings.get("write", 0.0) + time.perf_counter() - start
-    report = build_report(result, input_uri=input_uri, output_uri=output_uri, cfg=cfg, model_uri=model_uri,
-                          model_sha256=model_sha256)
-    write_json(report, report_target, cfg.storage_options, overwrite=overwrite)
-    return report
+    return write_outputs(result, input_uri=input_uri, output_uri=output_uri, cfg=cfg, model_uri=model_uri,
+                         model_sha256=model_sha256, overwrite=overwrite)

@@ -180,6 +180,8 @@ class ValidatedVolume:
         shape: (X, Y, Z) == ``array.shape``.
         uri: where the volume came from (for messages and manifests).
         source_dtype: on-disk voxel dtype name, e.g. ``"int16"``.
+        dicom: for a DICOM series, its :class:`~nvseg_ray.dicom.assembly.AssembledSeries` without voxels (source
+            headers, series facts, resampling notes), which the DICOM SEG references; None for NIfTI input.
     """
 
     image: nib.Nifti1Image
@@ -189,6 +191,7 @@ class ValidatedVolume:
     shape: tuple[int, int, int]
     uri: str
     source_dtype: str
+    dicom: Any = None
 
 
 # ----------------------------------------------------------------------------------------------------------

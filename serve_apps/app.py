@@ -44,8 +44,11 @@ from nvseg_ray.errors import (
     RequestTimeout,
     ServiceUnavailable,
 )
+from nvseg_ray.dicom.dicomweb import is_dicomweb_url
+from nvseg_ray.dicom.series import DicomSeries
 from nvseg_ray.output import mask_image, refuse_existing, write_result
-from nvseg_ray.redaction import redact, redact_text
+from nvseg_ray.serving.dicom_input import dicomweb_series, is_zip_upload, seg_response_bytes, with_uploaded_series
+from nvseg_ray.redaction import redact, redact_text, redact_uri
 from nvseg_ray.serving.auth import AuthGate, BearerAuthMiddleware
 from nvseg_ray.serving.encode import MEDIA_TYPES, content_disposition, nifti_gz, nrrd_zip
 from nvseg_ray.serving.fetch import check_source, fetch_image
@@ -252,10 +255,22 @@ class Gateway:
         finally:
             self.inflight -= 1
 
-    async def _segment(self, raw: bytes, name: str, fields: dict[str, Any],  # noqa: ANN202
-                       deadline: float | None = None):
-        cfg, prompts = self.processor.config_for(fields)
-        request: PreparedRequest = await asyncio.to_thread(self.processor.prepare, raw, name, cfg, prompts)
+    async def _segment(self, raw: bytes | None, name: str, fields: dict[str, Any],  # noqa: ANN202
+                       deadline: float | None = None, series: DicomSeries | None = None):
+        """Prepare (NIfTI bytes ``raw``, a zip of one DICOM series, or a DICOMweb ``series``), infer, finish."""
+        if series is not None:
+            cfg, prompts = self.processor.config_for(fields, series.modality, redact_uri(series.uri))
+            request = await asyncio.to_thread(self.processor.prepare_series, series, cfg, prompts)
+        elif is_zip_upload(raw, name):
+            def prepare_zip(found: DicomSeries) -> PreparedRequest:
+                cfg, prompts = self.processor.config_for(fields, found.modality, f"upload:{name}")
+                return self.processor.prepare_series(found, cfg, prompts)
+
+            request = await asyncio.to_thread(with_uploaded_series, raw, name, prepare_zip)
+        else:
+            cfg, prompts = self.processor.config_for(fields)
+            request = await asyncio.to_thread(self.processor.prepare, raw, name, cfg, prompts)
+        prompts = request.prompts
         try:
             labels, infer_s = await self.model.infer.remote(request.prepared, prompts, deadline)
         except BackPressureError:
@@ -286,9 +301,13 @@ class Gateway:
                                        model_uri=self.settings.checkpoint, model_sha256=None,
                                        overwrite=self.settings.allow_overwrite)
 
-    @staticmethod
-    def _respond(result, request: PreparedRequest, fmt: str) -> Response:
+    def _respond(self, result, request: PreparedRequest, fmt: str) -> Response:
         table = result.statistics
+        if fmt == "dicom-seg":
+            body = seg_response_bytes(result, catalog=self.processor.catalog, seg_type=request.cfg.dicom.seg_type,
+                                      model_sha256=None)
+            return Response(body, media_type="application/dicom",
+                            headers={"Content-Disposition": content_disposition(f"{request.name}_seg.dcm")})
         if fmt == "json":
             return JSONResponse({"labels": table, "prompts": {"class_ids": list(result.prompts.class_ids)},
                                  "modality": result.prompts.modality, "shape": list(result.labels.shape),
@@ -329,6 +348,10 @@ class Gateway:
         async def work(deadline: float) -> Response:
             fields = prompt_fields(body.prompts, body.modality, self.settings.default_modality,
                                    self.settings.max_points)
+            if is_dicomweb_url(body.image):  # a DICOMweb series: the URL passes the fetch policy first
+                series = await asyncio.to_thread(dicomweb_series, body.image, self.policy)
+                request, result = await self._segment(None, body.image, fields, deadline, series=series)
+                return self._respond(result, request, body.output.format)
             self.processor.config_for(fields)  # unknown classes fail before any download
             raw = await self._fetch(body.image)
             request, result = await self._segment(raw, body.image, fields, deadline)
@@ -347,8 +370,9 @@ class Gateway:
             if len(raw) > limit:
                 raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes",
                                       hint="send a gzip-compressed volume, or POST /v1/jobs with an s3:// URI")
-            if output not in ("nifti", "nrrd_zip", "json"):
-                raise ConfigError(f"unknown output '{output}'", hint="use nifti, nrrd_zip or json")
+            if output not in ("nifti", "nrrd_zip", "json", "dicom-seg"):
+                raise ConfigError(f"unknown output '{output}'", hint="use nifti, nrrd_zip, json or dicom-seg (for a "
+                                  "zip of a DICOM series)")
             pts = parse_form_points(points)
             labels = parse_form_labels(point_labels)
             if labels is not None and pts is None:

@@ -22,7 +22,7 @@ from .config import BatchConfig
 #: the prefix of the job's messages (``nvseg batch`` says ``nvseg batch``, see :mod:`nvseg_ray.commands.batch`).
 JOB_PROG = "batch_segment"
 
-_BATCH_FLAGS = ("input", "output", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
+_BATCH_FLAGS = ("input", "output", "run_dir", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
                 "min_actors", "max_actors", "model_node_resource", "cpu_node_resource", "max_in_flight", "max_attempts",
                 "max_failures", "progress_interval_s", "progress_bars", "wait_for_resources", "run_name",
                 "ray_address")
@@ -34,8 +34,11 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     ``--debug`` leaves the namespace untouched when absent (``argparse.SUPPRESS``), so ``nvseg --debug batch``
     keeps the top-level flag; read it as ``getattr(args, "debug", False)``.
     """
-    p.add_argument("--input", "-i", help="folder/prefix (recursive), glob, file, or manifest .csv/.jsonl/.parquet")
-    p.add_argument("--output", "-o", help="output folder/prefix (mirrors the input's relative folders)")
+    p.add_argument("--input", "-i", help="folder/prefix (recursive), glob, file, or manifest .csv/.jsonl/.parquet; "
+                   "a DICOM folder / prefix / .zip, or a DICOMweb study, series or QIDO query URL (one row per series)")
+    p.add_argument("--output", "-o", help="output folder/prefix (mirrors the input's relative folders); a DICOMweb "
+                   "root (dicomweb+https://host/dicom-web) stores each SEG into its study (then give --run-dir)")
+    p.add_argument("--run-dir", help="manifests and reports when --output is a DICOMweb server")
     p.add_argument("--config", help="YAML with BatchConfig fields and an 'inference:' mapping (flags override)")
     p.add_argument("--no-recursive", dest="recursive", action="store_const", const=False,
                    help="only volumes directly in --input")

@@ -31,7 +31,10 @@ class BatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(..., description="folder/prefix, glob, single file, or manifest (.csv/.jsonl/.parquet)")
-    output: str = Field(..., description="output folder/prefix; masks mirror the input's relative folders")
+    output: str = Field(..., description="output folder/prefix; masks mirror the input's relative folders (DICOM "
+                        "series: <study uid>/<series uid>); a DICOMweb root stores the SEGs into their studies")
+    run_dir: str | None = Field(None, description="folder/prefix for manifests, reports and NIfTI masks when output "
+                                "is a DICOMweb server (which stores DICOM objects only)")
     recursive: bool = Field(True, description="search folders/prefixes recursively")
     suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -58,12 +61,29 @@ class BatchConfig(BaseModel):
     run_name: str | None = Field(None, description="name of this run's manifest folder; default: a timestamp")
     ray_address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local Ray")
 
+    @property
+    def files_root(self) -> str:
+        """Where masks, reports and manifests go: ``output``, or ``run_dir`` when ``output`` is DICOMweb."""
+        return self.run_dir if self.seg_root else self.output
+
+    @property
+    def seg_root(self) -> str | None:
+        """The DICOMweb root SEGs are stored to (STOW-RS), or None when they are files next to the masks."""
+        from ..dicom.dicomweb import is_dicomweb_url
+
+        return self.output if is_dicomweb_url(self.output) else None
+
     @model_validator(mode="after")
     def _actors_ordered(self) -> BatchConfig:
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
         if not self.inference.checkpoint:
             raise ValueError("inference.checkpoint is required (--checkpoint PATH_OR_URI)")
+        if self.seg_root and not self.run_dir:
+            raise ValueError("output is a DICOMweb server, which stores the SEGs only: give --run-dir FOLDER_OR_URI "
+                             "for the run manifest and the per-series reports (resume reads them)")
+        if self.seg_root and self.inference.output_format in ("nifti", "both") and not self.run_dir:
+            raise ValueError("NIfTI masks need --run-dir when output is a DICOMweb server")
         return self
 
     @classmethod

@@ -8,7 +8,10 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..dicom.discovery import discover_series, looks_like_dicom_source
+from ..dicom.series import DicomSeries
 from ..errors import ConfigError
+from ..redaction import redact_uri
 from ..io import list_volumes, read_bytes, split_uri
 from ..labels import parse_class_list, parse_class_token
 
@@ -27,6 +30,7 @@ class WorkItem:
         rel_dir: folder of the volume relative to the input root ("" at the root); mirrored under the output.
         modality / classes: per-row prompt overrides (None = the job's).
         output_name: per-row output stem override (None = the input's stem).
+        series: the DICOM series of this item (``uri`` is then its readable locator), None for a NIfTI volume.
     """
 
     uri: str
@@ -35,6 +39,7 @@ class WorkItem:
     classes: list[int | str] | None = None
     output_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    series: DicomSeries | None = None
 
 
 def is_manifest(uri: str) -> bool:
@@ -42,13 +47,38 @@ def is_manifest(uri: str) -> bool:
 
 
 def discover(uri: str, storage_options: dict | None = None, *, recursive: bool = True,
-             suffixes: tuple[str, ...] = (".nii.gz", ".nii")) -> list[WorkItem]:
-    """Work items for a folder/prefix (relative folders kept), a glob, a single file or a manifest."""
+             suffixes: tuple[str, ...] = (".nii.gz", ".nii"), notes: list[str] | None = None) -> list[WorkItem]:
+    """Work items for a folder/prefix (relative folders kept), a glob, a single file or a manifest; a DICOM
+    folder / prefix / zip / DICOMweb URL (also as a manifest row) gives one item per image series.
+
+    ``notes`` collects one line per DICOM source on what discovery skipped (localizers, SR, ...).
+    """
+    notes = notes if notes is not None else []
     if is_manifest(uri):
-        return read_manifest(uri, storage_options)
+        return [expanded for item in read_manifest(uri, storage_options)
+                for expanded in dicom_items(item, storage_options, notes)]
+    if looks_like_dicom_source(uri, storage_options):
+        return dicom_items(WorkItem(uri=uri), storage_options, notes)
     found = list_volumes(uri, storage_options, recursive=recursive, suffixes=suffixes)
     root = _root_of(uri, storage_options)
     return [WorkItem(uri=u, rel_dir=_relative_dir(u, root)) for u in found]
+
+
+def dicom_items(item: WorkItem, storage_options: dict | None, notes: list[str]) -> list[WorkItem]:
+    """``item`` itself when it names a NIfTI volume; else one item per DICOM image series under ``item.uri`` (the
+    row's modality / classes apply to each; an ``output_name`` only to a source holding a single series)."""
+    if item.series is not None or not looks_like_dicom_source(item.uri, storage_options):
+        return [item]
+    found = discover_series(item.uri, storage_options)
+    if found.skipped:
+        notes.append(f"{redact_uri(item.uri)}: {len(found.series)} series, {found.describe_skipped()}")
+    if item.output_name and len(found.series) > 1:
+        raise ConfigError(f"manifest row {redact_uri(item.uri)} holds {len(found.series)} DICOM series but names one "
+                          f"output_name {item.output_name!r}",
+                          hint="leave output_name empty (each series is named by its SeriesInstanceUID) or list the "
+                          "series one per row")
+    return [WorkItem(uri=s.uri, rel_dir=s.study_instance_uid, modality=item.modality, classes=item.classes,
+                     output_name=item.output_name, extra=dict(item.extra), series=s) for s in found.series]
 
 
 def _root_of(uri: str, storage_options: dict | None) -> str:
@@ -104,7 +134,7 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> list[WorkIte
         value = str(row.get("uri") or "").strip()
         if not value:
             raise ConfigError(f"manifest {uri} row {row_no}: empty 'uri'")
-        if "://" not in value and not value.startswith("/"):
+        if "://" not in value and not value.startswith("/") and not value.startswith("dicomweb+"):
             value = f"{base}/{value}"
         items.append(WorkItem(uri=value, modality=_opt_str(row.get("modality")), classes=_classes(row.get("classes")),
                               output_name=_opt_str(row.get("output_name")),

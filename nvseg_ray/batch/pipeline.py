@@ -164,9 +164,13 @@ def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> Batch
     started = time.monotonic()
     inf = cfg.inference
     run_name = cfg.run_name or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    items = discover(cfg.input, inf.storage_options, recursive=cfg.recursive, suffixes=cfg.suffixes)
+    notes: list[str] = []
+    items = discover(cfg.input, inf.storage_options, recursive=cfg.recursive, suffixes=cfg.suffixes, notes=notes)
+    for note in notes:
+        echo(f"[nvseg] {note}")
     catalog = LabelCatalog.load(inf.label_catalog)
-    rows = plan_rows(items, cfg.output, inf, catalog, checkpoint_identity(inf.checkpoint, inf.storage_options))
+    rows = plan_rows(items, cfg.files_root, inf, catalog, checkpoint_identity(inf.checkpoint, inf.storage_options),
+                     seg_root=cfg.seg_root)
     pending = [r for r in rows if r["status"] == STATUS_PENDING]
     finished = [r for r in rows if r["status"] != STATUS_PENDING]
     progress = Progress(total=len(rows))
@@ -182,10 +186,10 @@ def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> Batch
         finished.extend(done)
     frame = manifest_frame(finished)
     wall = time.monotonic() - started
-    summary = summarize(frame, wall_s=wall, run_name=run_name, manifest_uri=run_uris(cfg.output, run_name)[0],
+    summary = summarize(frame, wall_s=wall, run_name=run_name, manifest_uri=run_uris(cfg.files_root, run_name)[0],
                         n_actors=n_actors)
     summary["in_flight"] = in_flight
-    write_manifest(frame, summary, cfg.output, run_name, inf.storage_options)
+    write_manifest(frame, summary, cfg.files_root, run_name, inf.storage_options)
     echo(format_summary(frame, summary))
     too_many = cfg.max_failures >= 0 and summary["failed"] > cfg.max_failures
     return BatchResult(frame, summary, EXIT_VOLUMES_FAILED if too_many else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from ..engine import resolve_prompts
 from ..errors import NvsegError
 from ..io import split_uri
 from ..labels import LabelCatalog
-from ..output import mask_uri, report_uri
+from ..output import output_location, report_uri, seg_uri
 from .inputs import WorkItem
 from .rows import STATUS_FAILED, STATUS_PENDING, STATUS_SKIPPED, new_row
 
@@ -64,34 +65,45 @@ def resume_key(item_uri: str, settings: dict[str, Any], model_identity: str) -> 
 
 
 def plan_rows(items: Sequence[WorkItem], output: str, cfg: InferenceConfig, catalog: LabelCatalog,
-              model_identity: str) -> list[dict]:
+              model_identity: str, *, seg_root: str | None = None) -> list[dict]:
     """One row per item: pending, skipped (finished with the same key) or failed (bad prompt / conflicts).
 
-    Finished outputs are recognised by their JSON report (written after the mask, so its presence means
-    the mask is complete) carrying the same resume key. Reports are fetched concurrently.
+    Finished outputs are recognised by their JSON report (written after the mask and the SEG, so its presence
+    means they are complete) carrying the same resume key. Reports are fetched concurrently. A DICOM series' key
+    covers its SeriesInstanceUID and the set of its SOP Instance UIDs (a series that gained instances is redone).
+
+    ``output`` is where masks and reports go; ``seg_root`` a DICOMweb root that receives the SEGs instead of files
+    next to the masks.
     """
     rows: list[dict] = []
     seen: dict[str, str] = {}
     for item in items:
         row = new_row(item.uri, item.rel_dir)
+        series = item.series
+        if series is not None:
+            row.update(series.summary())
+            row["series"] = pickle.dumps(series, protocol=5)
         problem = output_name_problem(item.output_name) if item.output_name else None
         if problem:
             rows.append(_fail(row, CODE_INVALID_OUTPUT_NAME, f"{item.uri}: {problem}",
                               "give output_name as a bare stem such as 'case_0042' (letters, digits, '_', '-', '.')"))
             continue
-        stem_source = f"{item.output_name}.nii.gz" if item.output_name else item.uri
-        row["output_uri"] = mask_uri(stem_source, output, cfg, item.rel_dir)
+        row["output_uri"] = output_location(series or item.uri, output, cfg, item.rel_dir, item.output_name)
         try:
-            prompts = resolve_prompts(cfg, catalog, classes=item.classes, modality=item.modality)
+            _, seg = cfg.output_formats(dicom=series is not None)
+            prompts = resolve_prompts(cfg, catalog, classes=item.classes, modality=item.modality,
+                                      dicom_modality=series.modality if series else None, uri=item.uri)
         except NvsegError as err:
             rows.append(_fail(row, err.code, err.message))
             continue
+        if seg:
+            row["seg_uri"] = seg_root or seg_uri(row["output_uri"])
         row["class_ids"] = list(prompts.class_ids)
         row["modality"] = prompts.modality or ""
         row["requested"] = json.dumps(prompts.requested)
-        settings = cfg.resume_key_fields(prompts.modality) | {"modality": prompts.modality,
-                                                              "classes": list(prompts.class_ids)}
-        row["resume_key"] = resume_key(item.uri, settings, model_identity)
+        settings = cfg.resume_key_fields(prompts.modality, dicom=series is not None) | {
+            "modality": prompts.modality, "classes": list(prompts.class_ids)}
+        row["resume_key"] = resume_key(series.identity() if series else item.uri, settings, model_identity)
         if row["output_uri"] in seen:
             rows.append(_fail(row, CODE_DUPLICATE_OUTPUT,
                               f"{item.uri} and {seen[row['output_uri']]} would both write {row['output_uri']}",

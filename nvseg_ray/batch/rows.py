@@ -16,19 +16,22 @@ STATUS_SKIPPED = "skipped"
 STATUS_FAILED = "failed"
 
 #: per-stage timing columns, seconds.
-TIMING_COLUMNS = ("t_read", "t_preprocess", "t_infer", "t_postprocess", "t_write")
+TIMING_COLUMNS = ("t_read", "t_preprocess", "t_infer", "t_postprocess", "t_write", "t_seg")
 #: brain T1 workflow (MRI_BRAIN rows): seconds per step (skull strip .. resample are part of ``t_preprocess``, the
 #: revert of ``t_postprocess``) and the registration quality figures; 0 for other rows.
 BRAIN_TIMING_COLUMNS = ("t_brain_skullstrip", "t_brain_bias_correct", "t_brain_normalize", "t_brain_register",
                         "t_brain_resample", "t_brain_revert")
 BRAIN_QUALITY_COLUMNS = ("registration_metric", "registration_correlation", "brain_ml")
-#: payload columns dropped before the manifest is written.
-PAYLOAD_COLUMNS = ("model_input", "inversion", "volume", "labels")
+#: payload columns dropped before the manifest is written (``series``: the pickled DicomSeries of a DICOM row).
+PAYLOAD_COLUMNS = ("model_input", "inversion", "volume", "labels", "series")
+#: DICOM rows: the series' identity (no patient identifiers) and where its SEG went; empty for NIfTI rows.
+DICOM_COLUMNS = ("study_instance_uid", "series_instance_uid", "dicom_modality", "series_description", "n_instances",
+                 "seg_uri")
 #: manifest columns, in order.
 MANIFEST_COLUMNS = (
     "uri", "rel_dir", "status", "error_code", "error_message", "output_uri", "modality", "requested",
     "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *TIMING_COLUMNS,
-    *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key",
+    *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, *DICOM_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key",
 )
 
 
@@ -43,6 +46,8 @@ def new_row(uri: str, rel_dir: str = "") -> dict[str, Any]:
     }
     row.update({name: 0.0 for name in (*TIMING_COLUMNS, *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS)})
     row.update({name: b"" for name in PAYLOAD_COLUMNS})
+    row.update({name: "" for name in DICOM_COLUMNS})
+    row["n_instances"] = 0
     return row
 
 

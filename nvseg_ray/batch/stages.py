@@ -20,10 +20,8 @@ import torch
 from ..config import InferenceConfig
 from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses
 from ..errors import NvsegError
-from ..io import encode_nifti, write_bytes_atomic, write_json
 from ..boundary import describe_exception
-from ..output import build_report, mask_image, report_uri
-from ..timing import timed
+from ..output import report_uri, write_outputs
 from ..io import check_regular_file
 from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
 
@@ -58,8 +56,10 @@ def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
         return row
     timings: dict[str, float] = {}
     try:
-        check_regular_file(row["uri"])  # a named pipe or a link to /dev/zero would block the read forever
-        volume = segmenter.read(row["uri"], timings)
+        source = pickle.loads(row["series"]) if row["series"] else row["uri"]
+        if not row["series"]:
+            check_regular_file(row["uri"])  # a named pipe or a link to /dev/zero would block the read forever
+        volume = segmenter.read(source, timings)
         prepared = segmenter.prepare(volume, timings, modality=row["modality"] or None)
         voxels, record = prepared.split()
         if prepared.brain is not None:
@@ -143,21 +143,22 @@ def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]
         labels = torch.from_numpy(pickle.loads(row["labels"]).astype(np.int64))
         prompts = prompts_of(row, cfg)
         result: SegmentationResult = segmenter.finish(labels, record, volume, prompts, timings)
-        with timed(timings, "write"):
-            write_bytes_atomic(encode_nifti(mask_image(result), compresslevel=cfg.compresslevel), row["output_uri"],
-                               cfg.storage_options)
         result.timings.update({"read": row["t_read"], "preprocess": row["t_preprocess"], "infer": row["t_infer"]})
-        report = build_report(result, input_uri=row["uri"], output_uri=row["output_uri"], cfg=cfg,
-                              model_uri=cfg.checkpoint, model_sha256=row["model_sha256"] or None)
-        report["resume_key"] = row["resume_key"]
-        write_json(report, report_uri(row["output_uri"]), cfg.storage_options)  # last: marks the output finished
+        nifti, _ = cfg.output_formats(dicom=bool(row["series"]))
+        # the report is written last: it marks the outputs finished (resume)
+        report = write_outputs(result, input_uri=row["uri"], output_uri=row["output_uri"] if nifti else None,
+                               cfg=cfg, model_uri=cfg.checkpoint, model_sha256=row["model_sha256"] or None,
+                               seg_target=row["seg_uri"] or None, seed=row["resume_key"], catalog=segmenter.catalog,
+                               report_target=report_uri(row["output_uri"]), extra={"resume_key": row["resume_key"]})
+        if row["seg_uri"]:
+            row["seg_uri"] = report["dicom"]["seg"]["uri"]
         row["labelled_voxels"] = int(sum(s["voxels"] for s in result.statistics))
         row["n_labels"] = len(result.statistics)
         row["status"] = STATUS_OK
     except Exception as exc:
         return _failure(row, exc, "postprocess")
     finally:
-        _record_timings(row, timings, "postprocess", "write")
+        _record_timings(row, timings, "postprocess", "write", "seg")
         for name in PAYLOAD_COLUMNS:
             row[name] = b""
     return row

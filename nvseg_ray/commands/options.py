@@ -38,7 +38,8 @@ def _points(text: str) -> list[tuple[float, float, float]]:
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     """Flags for every :class:`~nvseg_ray.config.InferenceConfig` field a user sets on the command line."""
     p.add_argument("--checkpoint", "-c", help="model.pt path or URI (see `nvseg weights download`)")
-    p.add_argument("--modality", "-m", help="everything-set: CT_BODY, MRI_BODY or MRI_BRAIN")
+    p.add_argument("--modality", "-m", help="everything-set: CT_BODY, MRI_BODY or MRI_BRAIN; auto: from each DICOM "
+                   "series' Modality tag (CT -> CT_BODY, MR -> MRI_BODY)")
     p.add_argument("--classes", type=_classes, help="comma-separated class names or ids, e.g. liver,spleen,3")
     p.add_argument("--points", type=_points, help="point prompts 'i,j,k;i,j,k' in input voxel coordinates")
     p.add_argument("--point-labels", type=_ints, help="one label per point: 1 positive, 0 negative")
@@ -56,6 +57,15 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postfix", dest="output_postfix", help="mask file postfix, default 'trans'")
     p.add_argument("--max-voxels", type=int, help="refuse volumes with more voxels than this")
     p.add_argument("--overwrite", action="store_const", const=True, help="replace existing outputs")
+    d = p.add_argument_group("DICOM")
+    d.add_argument("--output-format", choices=["auto", "nifti", "dicom-seg", "both"],
+                   help="auto (default): NIfTI + DICOM SEG for DICOM input, NIfTI for NIfTI input")
+    d.add_argument("--seg-type", choices=["binary", "labelmap"],
+                   help="binary (default): classic Segmentation Storage, read by every viewer and PACS; labelmap: "
+                   "the newer Label Map SEG (smaller, faster; needs a recent viewer)")
+    d.add_argument("--dicom-resample", action="store_const", const=True,
+                   help="resample an irregular DICOM stack (uneven spacing, missing slice, gantry tilt) onto a "
+                   "regular grid instead of refusing it; the report says so")
     g = p.add_argument_group("brain T1 workflow (--modality MRI_BRAIN)")
     g.add_argument("--brain-preprocess", choices=["full", "none"],
                    help="full (default): skull strip, N4, normalise, register to the template, revert; "
@@ -72,7 +82,11 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
 
 _CONFIG_FLAGS = ("checkpoint", "modality", "classes", "points", "point_labels", "expand_subclasses",
                  "label_catalog", "device", "patch_size", "overlap", "sw_batch_size", "class_chunk_size", "amp",
-                 "output_dtype", "output_layout", "output_postfix", "max_voxels", "overwrite")
+                 "output_dtype", "output_layout", "output_postfix", "max_voxels", "overwrite", "output_format")
+
+
+#: flag dest -> DicomConfig field (InferenceConfig.dicom).
+_DICOM_FLAGS = {"seg_type": "seg_type", "dicom_resample": "resample"}
 
 
 #: flag dest -> BrainConfig field (InferenceConfig.brain).
@@ -86,6 +100,8 @@ def inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {name: getattr(args, name, None) for name in _CONFIG_FLAGS}
     brain = {field: getattr(args, dest, None) for dest, field in _BRAIN_FLAGS.items()}
     overrides["brain"] = {k: v for k, v in brain.items() if v is not None} or None
+    dicom = {field: getattr(args, dest, None) for dest, field in _DICOM_FLAGS.items()}
+    overrides["dicom"] = {k: v for k, v in dicom.items() if v is not None} or None
     return overrides
 
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 import traceback
 
-from ..config import InferenceConfig
+from ..config import MODALITY_AUTO, InferenceConfig
+from ..dicom.series import DicomSeries
 from ..errors import EXIT_VOLUMES_FAILED, ConfigError, NvsegError
 from ..io import exists, list_volumes
 from ..boundary import internal_error_text
@@ -17,12 +18,16 @@ from .options import add_inference_arguments, inference_overrides
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "segment",
-        help="segment NIfTI volumes (local paths or fsspec URIs such as s3://)",
+        help="segment NIfTI volumes or DICOM series (local paths, fsspec URIs such as s3://, DICOMweb URLs)",
         description="Segment one or more NIfTI volumes with NV-Segment-CTMR. Outputs go to "
         "<output-dir>/<stem>/<stem>_trans.nii.gz (upstream layout) with a JSON report next to each mask.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".nii/.nii.gz file, or a directory of them")
-    p.add_argument("--output-dir", "-o", required=True, help="output directory or URI")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".nii/.nii.gz file or a directory of them; a DICOM folder / prefix / .zip of instances; a "
+                   "DICOMweb study, series or QIDO query URL")
+    p.add_argument("--output-dir", "-o", required=True,
+                   help="output directory or URI; a DICOMweb root (dicomweb+https://host/dicom-web) stores the SEG "
+                   "into the source study")
     p.add_argument("--config", help="YAML file with InferenceConfig fields (flags override it)")
     add_inference_arguments(p)
     p.add_argument("--quiet", "-q", action="store_true", help="only print errors")
@@ -33,35 +38,84 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
     return InferenceConfig.from_sources(args.config, **inference_overrides(args))
 
 
+def expand_inputs(given: list[str], storage_options: dict | None) -> tuple[list[str | DicomSeries], list[str]]:
+    """The volumes named by ``given``: NIfTI files (a file, folder or glob) and DICOM series (a folder, prefix, zip
+    or DICOMweb URL of instances; one entry per series). Also returns one line per DICOM source saying what
+    discovery skipped (localizers, SR, ...)."""
+    from ..dicom.discovery import discover_series, looks_like_dicom_source
+
+    out: list[str | DicomSeries] = []
+    notes: list[str] = []
+    for uri in given:
+        if looks_like_dicom_source(uri, storage_options):
+            found = discover_series(uri, storage_options)
+            out.extend(found.series)
+            if found.skipped:
+                notes.append(f"{redact_uri(uri)}: {len(found.series)} series, {found.describe_skipped()}")
+        else:
+            out.extend(list_volumes(uri, storage_options))
+    return out, notes
+
+
+def _where(source: str | DicomSeries) -> str:
+    return redact_uri(source.uri if isinstance(source, DicomSeries) else source)
+
+
 def run(args: argparse.Namespace) -> int:
     """Segment every input; a volume that fails (bad file, prompt outside it, internal error) is reported and the
-    others still run. Exit 0 when all were written or skipped, 3 when any failed."""
-    from ..engine import Segmenter
-    from ..output import duplicate_output_error, earlier_claims, mask_uri, write_result
+    others still run. Exit 0 when all were written or skipped, 3 when any failed.
+
+    DICOM input: every image series found is one volume; with ``--output-dir`` a DICOMweb root, the SEG is stored
+    into the source study (STOW-RS) and nothing else is written.
+    """
+    from ..dicom.dicomweb import is_dicomweb_url
+    from ..engine import Segmenter, resolve_prompts
+    from ..output import duplicate_output_error, earlier_claims, output_location, report_uri, seg_uri, write_outputs
 
     cfg = config_from_args(args)
     if not cfg.checkpoint:
         raise ConfigError("no checkpoint given", hint="pass --checkpoint models/model.pt "
                           "(get it once with `nvseg weights download --dest models/model.pt`)")
-    inputs = [uri for given in args.inputs for uri in list_volumes(given, cfg.storage_options)]
-    outputs = [mask_uri(uri, args.output_dir, cfg) for uri in inputs]
-    earlier = earlier_claims(zip(inputs, outputs))
+    to_pacs = is_dicomweb_url(args.output_dir)
+    if to_pacs and cfg.output_format in ("nifti", "both"):
+        raise ConfigError(f"--output-dir {redact_uri(args.output_dir)} is a DICOMweb server, which stores DICOM SEG "
+                          f"only; --output-format {cfg.output_format} also asks for NIfTI files",
+                          hint="use --output-format dicom-seg (or auto), or a folder / bucket for --output-dir")
+    inputs, notes = expand_inputs(args.inputs, cfg.storage_options)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    for note in notes:
+        say(note)
+    for source in inputs:  # refuse a NIfTI input with --output-format dicom-seg before any work
+        cfg.output_formats(dicom=isinstance(source, DicomSeries))
+    outputs = [output_location(src, "." if to_pacs else args.output_dir, cfg) for src in inputs]
+    earlier = earlier_claims(zip(map(_where, inputs), outputs))
     segmenter = Segmenter(cfg)
     segmenter.model  # load the weights once, before any volume: a bad checkpoint stops here (exit 4)
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     debug = bool(getattr(args, "debug", False))
     failed = 0
-    for index, (uri, out, first) in enumerate(zip(inputs, outputs, earlier), 1):
-        prefix = f"[{index}/{len(inputs)}] {redact_uri(uri)}"
+    for index, (source, out, first) in enumerate(zip(inputs, outputs, earlier), 1):
+        where = _where(source)
+        prefix = f"[{index}/{len(inputs)}] {where}"
+        is_dicom = isinstance(source, DicomSeries)
+        nifti, seg = cfg.output_formats(dicom=is_dicom)
+        if to_pacs:
+            nifti, seg = False, True
+        targets = [t for t, wanted in ((out, nifti), (seg_uri(out), seg and not to_pacs)) if wanted]
         try:
             if first is not None:  # before the exists check: never "skipped" nor overwriting another patient's mask
-                raise duplicate_output_error(uri, first, out)
-            if not cfg.overwrite and exists(out, cfg.storage_options):
-                say(f"{prefix}: skipped, {redact_uri(out)} exists (use --overwrite to replace it)")
+                raise duplicate_output_error(where, first, out)
+            if targets and not cfg.overwrite and all(exists(t, cfg.storage_options) for t in targets):
+                say(f"{prefix}: skipped, {redact_uri(targets[0])} exists (use --overwrite to replace it)")
                 continue
-            result = segmenter.segment(uri)
+            prompts = resolve_prompts(cfg, segmenter.catalog, dicom_modality=source.modality if is_dicom else None,
+                                      uri=where) if cfg.modality == MODALITY_AUTO else None
+            result = segmenter.segment(source, prompts)
             model = segmenter.model
-            write_result(result, input_uri=uri, output_uri=out, cfg=cfg, model_uri=model.uri, model_sha256=model.sha256)
+            report = write_outputs(
+                result, input_uri=where, output_uri=out if nifti else None, cfg=cfg, model_uri=model.uri,
+                model_sha256=model.sha256, seg_target=(args.output_dir if to_pacs else seg_uri(out)) if seg else None,
+                seed=source.identity() if is_dicom else where, catalog=segmenter.catalog,
+                report_target=None if to_pacs else report_uri(out))
         except NvsegError as err:
             failed += 1
             print(f"{prefix}: FAILED {err}", file=sys.stderr, flush=True)
@@ -73,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{prefix}: FAILED {internal_error_text(exc)}", file=sys.stderr, flush=True)
             continue
         stages = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
-        say(f"{prefix} -> {redact_uri(out)} ({len(result.statistics)} labels; {stages})")
+        written = [redact_uri(out)] if nifti else []
+        if seg:
+            written.append(report["dicom"]["seg"]["uri"])
+        say(f"{prefix} -> {', '.join(written)} ({len(result.statistics)} labels; {stages})")
     if failed:
         print(f"{failed} of {len(inputs)} volume(s) failed", file=sys.stderr)
         return EXIT_VOLUMES_FAILED

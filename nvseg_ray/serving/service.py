@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
 from ..config import (
+    MODALITY_AUTO,
     DEFAULT_AMP,
     DEFAULT_CLASS_CHUNK_SIZE,
     DEFAULT_DEVICE,
@@ -35,6 +36,7 @@ from ..config import (
     check_patch_size,
     validate_config,
 )
+from ..dicom.series import DicomSeries
 from ..engine import Prompts, SegmentationResult, Segmenter, resolve_prompts
 from ..inference import StopRequested
 from ..errors import NvsegError, PromptError, WorkAbandoned
@@ -48,7 +50,8 @@ from .fetch import FetchPolicy
 from .prefixes import parse_prefixes
 from .limits import DEFAULT_MAX_JSON_KB
 
-OutputFormat = Literal["nrrd_zip", "nifti", "json"]
+#: ``dicom-seg``: the DICOM SEG (application/dicom) of a DICOM input (an uploaded zip or a DICOMweb series).
+OutputFormat = Literal["nrrd_zip", "nifti", "json", "dicom-seg"]
 
 # Named defaults of the service (pinned by tests/test_serve.py); the engine's own defaults live in nvseg_ray.config.
 #: everything-set of a request that gives no prompts (NIM's CT default; upstream's silent MRI_BODY default is
@@ -158,7 +161,8 @@ class InferenceRequest(BaseModel):
     """``POST /v1/vista3d/inference`` body (NIM-compatible; ``modality`` and ``output`` are extensions)."""
 
     model_config = ConfigDict(extra="ignore")  # NIM clients may send local_working_dir etc.
-    image: str = Field(..., min_length=1, description="http(s)://, s3:// ... URI of a .nii/.nii.gz volume")
+    image: str = Field(..., min_length=1, description="http(s)://, s3:// ... URI of a .nii/.nii.gz volume, or a "
+                       "DICOMweb series URL (<root>/studies/<uid>/series/<uid>)")
     prompts: PromptsIn | None = None
     modality: str | None = None
     output: OutputIn = Field(default_factory=OutputIn)
@@ -198,8 +202,9 @@ def prompt_fields(prompts: PromptsIn | None, modality: str | None, default_modal
         PromptError: unknown modality, points for more than one class, too many / non-finite points, bad labels,
             point_labels without points.
     """
-    if modality is not None and modality.upper() not in MODALITIES:
-        raise PromptError(f"unknown modality '{modality}'", hint=f"use one of {', '.join(MODALITIES)}")
+    if modality is not None and modality.upper() not in (*MODALITIES, MODALITY_AUTO):
+        raise PromptError(f"unknown modality '{modality}'",
+                          hint=f"use one of {', '.join(MODALITIES)}, or auto for DICOM input (its Modality tag)")
     fields: dict[str, Any] = {"modality": (modality or default_modality).upper()}
     if prompts is None:
         return fields
@@ -285,8 +290,10 @@ class RequestProcessor:
         self.catalog = LabelCatalog.load(settings.label_catalog)
         self.limits = VolumeLimits(max_voxels=settings.max_voxels)
 
-    def config_for(self, fields: dict[str, Any]) -> tuple[InferenceConfig, Prompts]:
-        """Validate prompt fields early (unknown class -> PromptError before any download)."""
+    def config_for(self, fields: dict[str, Any], dicom_modality: str | None = None,
+                   uri: str = "") -> tuple[InferenceConfig, Prompts]:
+        """Validate prompt fields early (unknown class -> PromptError before any download). ``dicom_modality``:
+        the Modality tag of a DICOM input, which ``modality: auto`` maps to an everything-set."""
         from pydantic import ValidationError
 
         try:
@@ -294,7 +301,7 @@ class RequestProcessor:
         except ValidationError as exc:
             raise PromptError("invalid prompts: " + "; ".join(e["msg"] for e in exc.errors()),
                               hint="see /docs for the prompt fields and GET /v1/vista3d/info for the classes") from None
-        return cfg, resolve_prompts(cfg, self.catalog)
+        return cfg, resolve_prompts(cfg, self.catalog, dicom_modality=dicom_modality, uri=uri)
 
     def prepare(self, raw: bytes, name: str, cfg: InferenceConfig, prompts: Prompts) -> PreparedRequest:
         """Decode, validate and preprocess (raises InputError for bad volumes)."""
@@ -304,6 +311,16 @@ class RequestProcessor:
         timings["read"] = time.perf_counter() - start
         prepared = Segmenter(cfg, catalog=self.catalog).prepare(volume, timings, modality=prompts.modality)
         return PreparedRequest(cfg, prompts, prepared, volume, uri_stem(name) or "image", timings)
+
+    def prepare_series(self, series: DicomSeries, cfg: InferenceConfig, prompts: Prompts) -> PreparedRequest:
+        """Assemble, validate and preprocess one DICOM series (raises DicomError / InputError for bad series)."""
+        timings: dict[str, float] = {}
+        segmenter = Segmenter(cfg.model_copy(update={"max_voxels": self.limits.max_voxels,
+                                                     "storage_options": self.settings.storage_options}),
+                              catalog=self.catalog)
+        volume = segmenter.read(series, timings)
+        prepared = segmenter.prepare(volume, timings, modality=prompts.modality)
+        return PreparedRequest(cfg, prompts, prepared, volume, series.key, timings)
 
     def finish(self, request: PreparedRequest, labels: np.ndarray) -> SegmentationResult:
         seg = Segmenter(request.cfg, catalog=self.catalog)
