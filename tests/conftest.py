@@ -210,3 +210,17 @@ def ray_cluster(s3_server: S3Server) -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# --------------------------------------------------------------------------------------------------------
+# DICOMweb (a real Orthanc on loopback; skipped, with the reason, when Orthanc is not installed)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A running Orthanc with its DICOMweb plugin (``tests/orthanc.py``); ``.dicomweb_root`` is its DICOMweb root."""
+    from .orthanc import orthanc_or_skip
+
+    with orthanc_or_skip(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server

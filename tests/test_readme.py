@@ -68,6 +68,12 @@ def test_readme_commands_run(hf_hub, s3_env, tmp_path):
     save_head(work / "heads" / "sub-01.nii.gz", synthetic_head(template, rigid_scale_matrix((0, 10, 0), (0, 5, -5)),
                                                                spacing=(1.6, 1.6, 1.6), as_uint8=True, seed=2))
     (work / "cases.csv").write_text('uri,classes,output_name\nscans/a.nii.gz,"liver,3",case-a\n')
+    # DICOM: a study folder (3 series + an SR + a localizer), a zip of one series, the same study in S3
+    from nvseg_ray.dicom import synthetic as dsyn
+
+    study = dsyn.write_folder_with_extras(work / "dicom" / "study", shape=(28, 24, 10))
+    single = dsyn.write_series(tmp_path / "single", shape=(28, 24, 10), seed=9)
+    dsyn.zip_series(work / "dicom" / "series.zip", [single])
 
     s3 = boto3.client("s3", endpoint_url=s3_env["endpoint_url"])
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
@@ -75,6 +81,8 @@ def test_readme_commands_run(hf_hub, s3_env, tmp_path):
         s3.create_bucket(Bucket="bucket")
     for name in ("a.nii.gz", "site-a/b.nii"):
         s3.upload_file(str(work / "scans" / name), "bucket", f"ct/{name}")
+    for path in sorted((work / "dicom" / "study").rglob("*.dcm")):
+        s3.upload_file(str(path), "bucket", f"dicom/{path.relative_to(work / 'dicom' / 'study')}")
 
     env = hub_env(hf_hub, tmp_path / "hf-home")
     env.update({"AWS_ENDPOINT_URL": s3_env["endpoint_url"], "AWS_ACCESS_KEY_ID": "testing",
@@ -98,11 +106,18 @@ def test_readme_commands_run(hf_hub, s3_env, tmp_path):
                 "out/scan/scan_trans.nii.gz", "out/head/head_trans.nii.gz", "out/scan/scan_points.nii.gz",
                 "masks-by-list/case-a/case-a_trans.nii.gz"):
         assert (work / rel).exists(), rel
+    for fx in study.series:  # DICOM: NIfTI + SEG + report per series, named by UID
+        stem = work / "dicom-out" / fx.study_uid / fx.series_uid / f"{fx.series_uid}_trans"
+        assert all(Path(f"{stem}{ext}").exists() for ext in (".nii.gz", ".seg.dcm", ".json")), stem
+    seg_only = work / "dicom-out" / single.study_uid / single.series_uid
+    assert [p.name for p in sorted(seg_only.iterdir())] == [f"{single.series_uid}_trans.json",
+                                                             f"{single.series_uid}_trans.seg.dcm"]
     runs = list((work / "masks" / "_nvseg_runs").glob("*/manifest.parquet"))
     assert runs and set(pd.read_parquet(runs[0])["status"]) == {"ok"}
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="bucket")["Contents"]}
     assert {"masks/a/a_trans.nii.gz", "masks/site-a/b/b_trans.nii.gz", "one-by-one/a/a_trans.nii.gz",
             "models/model.pt", "models/model.pt.json"} <= keys
+    assert sum(k.startswith("dicom-masks/") and k.endswith(".seg.dcm") for k in keys) == len(study.series)
 
 
 def test_readme_python_api_runs(tiny_checkpoint, tmp_path):

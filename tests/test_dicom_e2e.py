@@ -1,0 +1,164 @@
+"""DICOM end to end as a user meets it: `nvseg segment` on folders / zips / DICOMweb, the batch job over a DICOM
+prefix in S3 (moto over HTTP), and the Serve app with a zip upload and a DICOMweb series URL (real Orthanc).
+
+Series are generated with :mod:`nvseg_ray.dicom.synthetic`; the model is the tiny generated checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nvseg_ray.cli import main
+from nvseg_ray.config import InferenceConfig
+from nvseg_ray.dicom import synthetic as dsyn
+from nvseg_ray.engine import Segmenter
+from nvseg_ray.errors import EXIT_INVALID, EXIT_VOLUMES_FAILED
+
+from .model_helpers import TEST_PATCH
+
+pytest.importorskip("highdicom")
+
+CLASSES = "liver,spleen,5"
+PHI = tuple(dsyn.PATIENT.values())
+
+
+def _cli(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def _common(checkpoint: str) -> list[str]:
+    return ["--checkpoint", checkpoint, "--patch-size", ",".join(map(str, TEST_PATCH)), "--device", "cpu"]
+
+
+def _no_phi(*texts: str) -> None:
+    for text in texts:
+        for value in PHI:
+            assert value not in text, f"patient identifier {value!r} leaked"
+
+
+def _seg_labels(path: Path | bytes) -> np.ndarray:
+    """A SEG read back with highdicom, as (X, Y, Z) global class ids (segment label -> class id via the catalog)."""
+    import io
+
+    import highdicom as hd
+
+    from nvseg_ray.dicom.seg import segment_class_ids
+
+    seg = hd.seg.segread(io.BytesIO(path) if isinstance(path, bytes) else str(path))
+    mapping = segment_class_ids(seg)
+    volume = seg.get_volume(combine_segments=True, relabel=False)
+    numbers = np.asarray(volume.array)  # (slice, row, col) segment numbers
+    out = np.zeros_like(numbers, dtype=np.int64)
+    for number, class_id in mapping.items():
+        out[numbers == number] = class_id
+    return np.transpose(out, (2, 1, 0))
+
+
+def test_folder_of_three_series_plus_sr_and_scout(tiny_checkpoint, tmp_path, capsys):
+    study = dsyn.write_folder_with_extras(tmp_path / "study")
+    out = tmp_path / "out"
+    code = _cli("segment", study.folder, "-o", out, "--classes", CLASSES, *_common(tiny_checkpoint))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "1 localizer" in captured.out and "no_image:SR" in captured.out
+    _no_phi(captured.out, captured.err)
+    for fx in study.series:
+        mask = out / fx.study_uid / fx.series_uid / f"{fx.series_uid}_trans.nii.gz"
+        seg = mask.with_name(f"{fx.series_uid}_trans.seg.dcm")
+        report_path = mask.with_name(f"{fx.series_uid}_trans.json")
+        assert mask.exists() and seg.exists() and report_path.exists()
+        img = nib.load(mask)
+        np.testing.assert_allclose(img.affine, fx.ras_affine, atol=1e-4)
+        labels = np.asarray(img.dataobj)
+        assert np.array_equal(_seg_labels(seg), labels), "the SEG reads back to the NIfTI mask's labels"
+        report_text = report_path.read_text()
+        _no_phi(report_text)
+        report = json.loads(report_text)
+        assert report["dicom"]["series_instance_uid"] == fx.series_uid
+        assert report["dicom"]["n_instances"] == len(fx.paths)
+        assert report["dicom"]["seg"]["series_instance_uid"] and report["dicom"]["seg"]["segments"] >= 1
+
+
+@pytest.mark.parametrize("orientation,kw", [("axial", {}), ("oblique", {}), ("coronal", {"feet_first": True}),
+                                            ("axial", {"multiframe": True})])
+def test_dicom_mask_equals_mask_of_the_same_series_as_nifti(tiny_checkpoint, tmp_path, orientation, kw):
+    fx = dsyn.write_series(tmp_path / "s", orientation=orientation, seed=3, **kw)
+    nifti = tmp_path / "same.nii.gz"
+    nib.save(nib.Nifti1Image(fx.expected, fx.ras_affine), nifti)
+    cfg = InferenceConfig(checkpoint=tiny_checkpoint, patch_size=TEST_PATCH, device="cpu", classes=["liver", 5])
+    segmenter = Segmenter(cfg)
+    from_dicom = segmenter.segment(fx.dicom_series())
+    from_nifti = segmenter.segment(str(nifti))
+    np.testing.assert_allclose(from_dicom.volume.affine, from_nifti.volume.affine, atol=1e-4)
+    assert np.array_equal(from_dicom.labels, from_nifti.labels)
+
+
+def test_modality_auto_and_output_format_rules(tiny_checkpoint, tmp_path, capsys):
+    mr = dsyn.write_series(tmp_path / "mr", modality="MR", seed=4)
+    out = tmp_path / "out"
+    assert _cli("segment", mr.folder, "-o", out, "--modality", "auto", "--output-format", "dicom-seg",
+                *_common(tiny_checkpoint)) == 0
+    report = json.loads(next(out.rglob("*.json")).read_text())
+    assert report["modality"] == "MRI_BODY" and not list(out.rglob("*.nii.gz"))
+    nifti = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(mr.expected, mr.ras_affine), nifti)
+    capsys.readouterr()
+    assert _cli("segment", nifti, "-o", out, "--modality", "auto", *_common(tiny_checkpoint)) == EXIT_VOLUMES_FAILED
+    assert "--modality auto needs DICOM input" in capsys.readouterr().err
+    assert _cli("segment", nifti, "-o", out, "--classes", "liver", "--output-format", "dicom-seg",
+                *_common(tiny_checkpoint)) == EXIT_INVALID
+    assert "needs DICOM input" in capsys.readouterr().err
+
+
+def test_zip_input_and_geometry_fault_is_one_failed_volume(tiny_checkpoint, tmp_path, capsys):
+    good = dsyn.write_series(tmp_path / "good", seed=5)
+    bad = dsyn.write_series(tmp_path / "bad", seed=6, fault="missing_slice")
+    archive = dsyn.zip_series(tmp_path / "both.zip", [good, bad])
+    out = tmp_path / "out"
+    code = _cli("segment", archive, "-o", out, "--classes", CLASSES, *_common(tiny_checkpoint))
+    err = capsys.readouterr().err
+    assert code == EXIT_VOLUMES_FAILED
+    assert "dicom_missing_slice" in err and bad.series_uid in err and "Traceback" not in err
+    assert (out / good.study_uid / good.series_uid / f"{good.series_uid}_trans.seg.dcm").exists()
+    # --dicom-resample turns the irregular stack into a volume, and the report says so
+    assert _cli("segment", bad.folder, "-o", out, "--classes", CLASSES, "--dicom-resample",
+                *_common(tiny_checkpoint)) == 0
+    report = json.loads((out / bad.study_uid / bad.series_uid / f"{bad.series_uid}_trans.json").read_text())
+    assert report["dicom"]["resampled"] is True and report["dicom"]["notes"]
+
+
+def test_dicomweb_in_and_seg_stored_back_into_the_study(tiny_checkpoint, tmp_path, orthanc, capsys):
+    from nvseg_ray.dicom.dicomweb import discover, series_exists
+
+    fx = dsyn.write_series(tmp_path / "pacs", seed=7)
+    orthanc.upload(fx.paths)
+    root = orthanc.dicomweb_root
+    url = f"{root}/studies/{fx.study_uid}/series/{fx.series_uid}"
+    code = _cli("segment", url, "-o", f"dicomweb+{root}", "--classes", CLASSES, *_common(tiny_checkpoint))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    _no_phi(captured.out, captured.err)
+    found, _ = discover(f"{root}/studies/{fx.study_uid}")
+    # the study now holds the SEG (skipped by discovery as a non-image object) beside the CT
+    assert [s.series_instance_uid for s in found] == [fx.series_uid]
+    from nvseg_ray.dicom.seg import series_uids
+
+    assert any(series_exists(root, fx.study_uid, uid) for uid in _seg_series_in(orthanc, fx.study_uid))
+    # running it again stores the same SEG series again (deterministic UIDs): still one SEG series in the study
+    assert _cli("segment", url, "-o", f"dicomweb+{root}", "--classes", CLASSES, *_common(tiny_checkpoint)) == 0
+    assert len(_seg_series_in(orthanc, fx.study_uid)) == 1
+    del series_uids
+
+
+def _seg_series_in(orthanc, study_uid: str) -> list[str]:
+    import httpx
+
+    answer = httpx.get(f"{orthanc.dicomweb_root}/studies/{study_uid}/series", params={"Modality": "SEG"},
+                       headers=orthanc._headers(), timeout=30)
+    answer.raise_for_status()
+    return [item["0020000E"]["Value"][0] for item in (answer.json() if answer.content else [])]
