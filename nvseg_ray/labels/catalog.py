@@ -12,7 +12,7 @@ import json
 import numbers
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -21,6 +21,7 @@ from typing import Any
 from nvseg_ray.errors import ConfigError, PromptError
 
 from .bundle import UPSTREAM_FILES, detect_kind, find_upstream_folder, parse_upstream
+from .codes import SegmentCoding
 from .parsing import INT_TEXT, dedupe, normalize_modality, normalize_name, parse_class_token, strip_deprecated_marker
 from .printing import format_json
 from .schema import CATALOG_FORMAT, LabelClass, parse_project, read_json
@@ -427,6 +428,17 @@ class LabelCatalog:
 
     # ---------------------------------------------------------------- serialisation
 
+    def with_codings(self, codings: Mapping[int, SegmentCoding | None]) -> LabelCatalog:
+        """A copy whose classes carry these DICOM SEG codings (class id -> coding; read by :mod:`.codes`).
+
+        Classes not in ``codings`` keep theirs; an id that is not a class is a :class:`ConfigError`.
+        """
+        unknown = sorted(set(codings) - set(self.classes))
+        if unknown:
+            raise ConfigError(f"label catalog: DICOM codings given for unknown class ids {unknown}")
+        classes = {cid: replace(label, dicom=codings.get(cid, label.dicom)) for cid, label in self.classes.items()}
+        return replace(self, classes=classes)
+
     def to_dict(self) -> dict[str, Any]:
         """The project-format dict (what ``scripts/build_label_catalog.py`` writes)."""
         ordered_sets = [key for key in MODALITIES if key in self.everything]
@@ -434,7 +446,7 @@ class LabelCatalog:
         return {
             "format": CATALOG_FORMAT,
             "source": json.loads(json.dumps(dict(self.source))),
-            "classes": [label.to_dict() for label in self.classes.values()],
+            "classes": [label.to_dict(with_dicom=True) for label in self.classes.values()],
             "everything": {key: list(self.everything[key]) for key in ordered_sets},
             "subclasses": {str(parent): list(parts) for parent, parts in self.subclasses.items()},
             "label_mappings": {

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nvseg_ray.errors import ConfigError
 
+from .codes import SegmentCoding, coding_from_dict
 from .parsing import INT_TEXT, is_deprecated_name
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ class LabelClass:
             (``"CT"``, ``"MRI"``); empty for deprecated classes and for the kidney group (2).
         datasets: training datasets per scan type, e.g. ``{"CT": ("AMOS22", ...), "MRI": (...)}``.
         deprecated: the class is retired (no training data); class prompts for it are refused.
+        dicom: DICOM SEG coding (SNOMED CT category/type, laterality, colour; :mod:`.codes`), ``None`` when
+            the catalog carries none (upstream bundles, most finetuned catalogs). Presentation metadata only:
+            it is left out of equality, so a catalog read from an upstream bundle equals the packaged one.
     """
 
     id: int
@@ -45,21 +49,25 @@ class LabelClass:
     modalities: tuple[str, ...] = ()
     datasets: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     deprecated: bool = False
+    dicom: SegmentCoding | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", tuple(self.modalities))
         frozen = {key: tuple(names) for key, names in self.datasets.items()}
         object.__setattr__(self, "datasets", MappingProxyType(frozen))
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, as stored in the project catalog file."""
-        return {
+    def to_dict(self, *, with_dicom: bool = False) -> dict[str, Any]:
+        """JSON-serialisable form; with ``with_dicom`` (the catalog file form) it includes the ``"dicom"`` coding."""
+        data: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "modalities": list(self.modalities),
             "datasets": {key: list(names) for key, names in self.datasets.items()},
             "deprecated": self.deprecated,
         }
+        if with_dicom and self.dicom is not None:
+            data["dicom"] = self.dicom.to_dict()
+        return data
 
 
 def read_json(path: Path) -> tuple[Any, str]:
@@ -77,7 +85,7 @@ def read_json(path: Path) -> tuple[Any, str]:
 
 
 _PROJECT_KEYS = {"format", "source", "classes", "everything", "subclasses", "label_mappings"}
-_CLASS_KEYS = {"id", "name", "modalities", "datasets", "deprecated"}
+_CLASS_KEYS = {"id", "name", "modalities", "datasets", "deprecated", "dicom"}
 
 
 def require(condition: bool, message: str) -> None:
@@ -141,6 +149,7 @@ def parse_class(entry: Any, position: int) -> LabelClass:
         modalities=str_list(entry.get("modalities", []), f"{where}.modalities"),
         datasets={key: str_list(names, f"{where}.datasets.{key}") for key, names in datasets.items()},
         deprecated=deprecated,
+        dicom=coding_from_dict(entry["dicom"], f"{where}.dicom") if entry.get("dicom") is not None else None,
     )
 
 
