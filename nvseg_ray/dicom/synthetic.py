@@ -10,6 +10,10 @@ one Enhanced CT / MR Image Storage instance with per-frame functional groups (``
 :func:`write_folder_with_extras` writes a study folder with three image series, a Structured Report and a
 localizer; :func:`zip_series` packs folders / files into a zip archive.
 
+Classic CT / MR instances, the SR and the localizer pass ``dciodvfy`` without errors; the enhanced objects carry
+what readers need (functional groups with geometry, pixel value transformation, frame content, dimensions) but
+not every acquisition macro of the Enhanced CT / MR IODs.
+
 Every instance carries fake patient identifiers (:data:`PATIENT`) so tests can assert they never leak into what
 nvseg-ray writes or prints. File names never contain patient data. All UIDs are derived from ``seed`` (same
 seed, same UIDs). Instances are written slice by slice, so a 512 x 512 x 300 series needs little more memory
@@ -25,6 +29,7 @@ Geometry (voxel i = column, j = row, k = slice; world = LPS mm, as in DICOM):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -164,9 +169,8 @@ class StudyFixture:
 
 def uid(seed: Any, *parts: Any) -> str:
     """A deterministic ``2.25.<int>`` UID from ``seed`` and ``parts``."""
-    from pydicom.uid import generate_uid
-
-    return str(generate_uid(prefix=None, entropy_srcs=["nvseg-ray-synthetic", str(seed), *map(str, parts)]))
+    text = "\0".join(["nvseg-ray-synthetic", str(seed), *map(str, parts)])
+    return f"2.25.{int.from_bytes(hashlib.sha256(text.encode()).digest()[:16], 'big')}"
 
 
 def _rotation(orientation: str, feet_first: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -202,19 +206,27 @@ def _phantom(shape: tuple[int, int, int], spacing: Sequence[float], seed: int) -
 
 
 def _stored(volume: np.ndarray, rescale: tuple[float, float] | None) -> np.ndarray:
-    """Stored values for ``volume`` (HU) under ``rescale``: uint16 when all >= 0, else int16."""
-    if rescale is None:
-        values = np.asarray(volume)
-    else:
+    """Stored values for ``volume`` (HU) under ``rescale``: uint16 when all >= 0, else int16 (slab by slab, so a
+    benchmark-sized volume needs one extra 16-bit copy only)."""
+    volume = np.asarray(volume)
+
+    def convert(block: np.ndarray) -> np.ndarray:
+        if rescale is None:
+            return block
         slope, intercept = rescale
-        if slope == 1.0:
-            values = np.asarray(volume, dtype=np.int32) - int(round(intercept))
-        else:
-            values = np.rint((np.asarray(volume, dtype=np.float32) - intercept) / slope)
-    lo, hi = float(values.min()), float(values.max())
-    if lo >= 0 and hi <= 65535:
-        return values.astype(np.uint16)
-    return np.clip(values, -32768, 32767).astype(np.int16)
+        if slope == 1.0 and float(intercept).is_integer():
+            return block.astype(np.int32) - int(intercept)
+        return np.rint((block.astype(np.float32) - np.float32(intercept)) / np.float32(slope))
+
+    slab = 16
+    blocks = range(0, volume.shape[2], slab)
+    lo, hi = sorted(float(v) for v in convert(np.array([volume.min(), volume.max()])))  # monotonic in the value
+    dtype = np.uint16 if lo >= 0 and hi <= 65535 else np.int16
+    info = np.iinfo(dtype)
+    out = np.empty(volume.shape, dtype=dtype)
+    for z in blocks:
+        out[:, :, z : z + slab] = np.clip(convert(volume[:, :, z : z + slab]), info.min, info.max)
+    return out
 
 
 def _base_dataset(*, modality: str, sop_class_uid: str, sop_uid: str, study_uid: str, series_uid: str,
@@ -237,6 +249,10 @@ def _base_dataset(*, modality: str, sop_class_uid: str, sop_uid: str, study_uid:
     ds.ReferringPhysicianName = ""
     ds.Modality = modality
     ds.Manufacturer = "nvseg-ray synthetic"
+    ds.ManufacturerModelName = "phantom"
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = "1"
+    ds.BodyPartExamined = "ABDOMEN"
     ds.SeriesNumber = series_number
     ds.SeriesDescription = description
     ds.PositionReferenceIndicator = ""
@@ -293,7 +309,7 @@ def write_series(folder: str | Path, volume: np.ndarray | None = None, *, shape:
         multiframe: one Enhanced CT / MR Image Storage instance (per-frame functional groups; frames written in
             reverse slice order, so ``frame_numbers`` = [n, ..., 1]) instead of one instance per slice.
         transfer_syntax: a key of :data:`TRANSFER_SYNTAXES` ("explicit", "implicit", "deflated", "jpeg2000",
-            "jpegls", "rle"); compressed ones are lossless.
+            "jpegls", "rle"); compressed ones are lossless. JPEG 2000 needs X, Y >= 32.
         fault: None or one of :data:`FAULTS` (single-frame series only).
         study_uid / series_uid: default derived from ``seed``.
         rescale: (slope, intercept); "default" = (1, -1024) for CT and no Rescale tags for MR; None = no tags.
@@ -314,6 +330,8 @@ def write_series(folder: str | Path, volume: np.ndarray | None = None, *, shape:
     if volume.ndim != 3:
         raise ValueError("volume must be (X, Y, Z)")
     nx, ny, nz = volume.shape
+    if transfer_syntax == "jpeg2000" and min(nx, ny) < 32:
+        raise ValueError("JPEG 2000 needs images of at least 32 x 32 (openjpeg's default 6 resolution levels)")
     if rescale == "default":
         rescale = (1.0, -1024.0) if modality == "CT" else None
     if rescale is None and modality == "MR" and volume.min() < 0:
@@ -396,7 +414,7 @@ def _write_classic(fx: SeriesFixture, common: dict[str, Any], row: np.ndarray, c
     for n, (k, position) in enumerate(plan):
         sop_uid = uid(seed, "sop", fx.series_uid, n)
         ds = _base_dataset(sop_class_uid=fx.sop_class_uid, sop_uid=sop_uid, **common)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if fx.modality == "CT" else "OTHER"]
         ds.InstanceNumber = n + 1
         ds.AcquisitionNumber = 1
         row_k, col_k = iop
@@ -426,6 +444,7 @@ def _write_classic(fx: SeriesFixture, common: dict[str, Any], row: np.ndarray, c
             ds.ScanOptions = ""
             ds.MRAcquisitionType = "3D"
             ds.EchoTime, ds.RepetitionTime = 3.0, 8.0
+            ds.EchoTrainLength = 1
         ds.WindowCenter, ds.WindowWidth = 40, 400
         path = fx.folder / f"{n + 1:04d}.dcm"
         no_pixels = fx.fault == "no_pixel_data" and k in fx.fault_slices
@@ -452,6 +471,9 @@ def _write_enhanced(fx: SeriesFixture, common: dict[str, Any], row: np.ndarray, 
     ds.VolumeBasedCalculationTechnique = "NONE"
     ds.AcquisitionDateTime = "20240102101500"
     ds.BurnedInAnnotation = "NO"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.AcquisitionContextSequence = DicomSequence([])
     ds.Rows, ds.Columns = ny, nx
     ds.NumberOfFrames = nz
     _pixel_module(ds, fx.stored)
@@ -472,6 +494,21 @@ def _write_enhanced(fx: SeriesFixture, common: dict[str, Any], row: np.ndarray, 
         pvt.RescaleSlope, pvt.RescaleIntercept = fx.rescale
         pvt.RescaleType = "HU" if fx.modality == "CT" else "US"
         shared.PixelValueTransformationSequence = DicomSequence([pvt])
+    frame_type = Dataset()
+    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    frame_type.PixelPresentation = "MONOCHROME"
+    frame_type.VolumetricProperties = "VOLUME"
+    frame_type.VolumeBasedCalculationTechnique = "NONE"
+    if fx.modality == "CT":
+        shared.CTImageFrameTypeSequence = DicomSequence([frame_type])
+    else:
+        shared.MRImageFrameTypeSequence = DicomSequence([frame_type])
+    anatomy = Dataset()
+    anatomy.FrameLaterality = "U"
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "818981001", "SCT", "Abdomen"
+    anatomy.AnatomicRegionSequence = DicomSequence([region])
+    shared.FrameAnatomySequence = DicomSequence([anatomy])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
 
     dim_uid = uid(seed, "dimension", fx.series_uid)
@@ -496,6 +533,8 @@ def _write_enhanced(fx: SeriesFixture, common: dict[str, Any], row: np.ndarray, 
         pos.ImagePositionPatient = [round(float(v), 6) for v in origin + k * step]
         item.PlanePositionSequence = DicomSequence([pos])
         content = Dataset()
+        content.FrameAcquisitionDateTime = content.FrameReferenceDateTime = "20240102101500"
+        content.FrameAcquisitionDuration = 100.0
         content.StackID = "1"
         content.InStackPositionNumber = k + 1
         content.DimensionIndexValues = [k + 1, k + 1]
@@ -525,6 +564,8 @@ def write_localizer(folder: str | Path, *, study_uid: str, seed: int = 0,
                        description="scout")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.InstanceNumber = 1
+    ds.AcquisitionNumber = 1
+    ds.KVP = 120
     proj = body_phantom((int(shape[0]), 8, int(shape[1])), seed).astype(np.int32).mean(axis=1)  # (X, Z)
     stored = np.clip(proj + 1024, 0, 4095).astype(np.uint16)[:, ::-1].T  # rows = -Z (head at top)
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
@@ -551,7 +592,10 @@ def write_sr(folder: str | Path, *, study_uid: str, seed: int = 0) -> tuple[Path
     ds = _base_dataset(modality="SR", sop_class_uid=BASIC_TEXT_SR_STORAGE, sop_uid=sop_uid, study_uid=study_uid,
                        series_uid=series_uid, for_uid=uid(seed, "for", study_uid), series_number=98,
                        description="report")
-    del ds.FrameOfReferenceUID
+    for keyword in ("FrameOfReferenceUID", "BodyPartExamined", "PatientPosition", "PositionReferenceIndicator"):
+        delattr(ds, keyword)
+    ds.PerformedProcedureCodeSequence = DicomSequence([])
+    ds.ReferencedPerformedProcedureStepSequence = DicomSequence([])
     ds.InstanceNumber = 1
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
