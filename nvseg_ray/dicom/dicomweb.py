@@ -54,7 +54,8 @@ from ..errors import (
     StorageError,
 )
 from ..redaction import redact_text, redact_uri
-from .series import DicomInstance, DicomSeries
+from .grouping import NON_IMAGE_MODALITIES, group_series
+from .series import DicomSeries
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,6 @@ MAX_ATTEMPTS = 2
 #: Concurrent QIDO instance searches of :func:`discover` (one per series) and WADO-RS instance retrievals of a
 #: split series: 8 keeps a study of dozens of series quick without flooding the archive.
 THREADS = 8
-
-#: Modalities of series that carry no image to segment: skipped (and counted) before their instances are asked.
-NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTIMAGE",
-                                  "REG", "DOC", "PLAN", "FID", "AU", "ECG", "HD", "RWV", "OT-SR"})
 
 #: What the original transfer syntax is asked with (WADO-RS ``transfer-syntax=*``): servers such as Orthanc 1.10
 #: cannot transcode JPEG 2000 and answer 500 to a request for the default (uncompressed) syntax; pydicom's
@@ -567,7 +564,7 @@ def discover(uri: str) -> tuple[list[DicomSeries], Counter]:
     One QIDO-RS series search, then one instance search per image series (concurrently, :data:`THREADS`).
     Non-image series (:data:`NON_IMAGE_MODALITIES`: SR, PR, KO, SEG, RT*, ...) are skipped before their instances
     are asked for; instances are grouped into stacks and localizers dropped by the same rules as files
-    (:func:`nvseg_ray.dicom.discovery.group_series`).
+    (:func:`nvseg_ray.dicom.grouping.group_series`).
 
     Returns:
         ``(series, skipped)``: the series sorted by study, series UID and split, each with
@@ -581,7 +578,6 @@ def discover(uri: str) -> tuple[list[DicomSeries], Counter]:
         StorageError: ``not_found`` when a study/series URL names nothing on the server; ``permission_denied``,
             ``io_error`` (see the module docstring).
     """
-    from .discovery import group_series
 
     ref, auth = _resolve(uri)
     if ref.is_root:

@@ -5,10 +5,11 @@ instance (one ranged request per object on S3, issued concurrently by fsspec) an
 pixel data (and, for enhanced multi-frame objects, up to the per-frame functional groups); only an instance whose
 header is longer than that is read again in full.
 
-Grouping: instances are grouped by SeriesInstanceUID, and inside a series by FrameOfReferenceUID,
-ImageOrientationPatient and Rows x Columns (and each enhanced multi-frame instance on its own), so one row of the
-batch job is always one stack. Skipped and counted (:attr:`Discovery.skipped`): non-DICOM files, DICOMDIR,
-objects without an image (SR, PR, KO, SEG, RT*, ...) and localizers (ImageType contains LOCALIZER).
+Grouping (:func:`nvseg_ray.dicom.grouping.group_series`, shared with DICOMweb discovery): by SeriesInstanceUID,
+and inside a series by FrameOfReferenceUID, ImageOrientationPatient and Rows x Columns (each enhanced multi-frame
+instance on its own), so one row of the batch job is always one stack. Skipped and counted
+(:attr:`Discovery.skipped`): non-DICOM files, DICOMDIR, objects without an image (SR, PR, KO, SEG, RT*, ...) and
+localizers (ImageType contains LOCALIZER).
 """
 
 from __future__ import annotations
@@ -16,36 +17,26 @@ from __future__ import annotations
 import io as _io
 import os
 import zipfile
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DicomError, REASON_NOT_FOUND, StorageError
 from ..io import split_uri, storage_error
 from ..redaction import redact_uri
-from .series import DicomInstance, DicomSeries
+from .grouping import SKIP_NOT_DICOM, group_series
+from .series import DicomSeries
 
 #: Bytes read from each instance for discovery: a CT/MR header is 2-10 KB before its pixel data; 64 KiB covers
 #: nearly every real header in one ranged request (longer ones are re-read whole).
 HEADER_BYTES = 64 * 1024
-#: Modalities of objects that carry no image to segment.
-NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTIMAGE",
-                                  "REG", "DOC", "PLAN", "FID", "AU", "ECG", "HD", "RWV", "OT-SR"})
 #: File names that are never instances of a series (checked case-insensitively on the last path component).
 NOT_INSTANCES = (".nii", ".nii.gz", ".json", ".txt", ".csv", ".md", ".xml", ".html", ".jsonl", ".parquet")
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Tags read at discovery (everything else is skipped).
 _TAGS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "SeriesDescription",
          "FrameOfReferenceUID", "ImageOrientationPatient", "Rows", "Columns", "ImageType", "NumberOfFrames",
          "SharedFunctionalGroupsSequence", "MediaStorageSOPClassUID")
-#: Skip reasons (keys of :attr:`Discovery.skipped`).
-SKIP_NOT_DICOM = "not_dicom"
-SKIP_DICOMDIR = "dicomdir"
-SKIP_NO_IMAGE = "no_image"
-SKIP_LOCALIZER = "localizer"
-
-
 @dataclass
 class Discovery:
     """What :func:`discover_series` found under one source.
@@ -263,71 +254,6 @@ def _headers_from_zip(archive: str, storage_options: Mapping[str, Any] | None,
                 continue
             found.append((zip_member_uri(archive, info.filename), ds))
     return found
-
-
-def _text(ds: Any, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()
-
-
-def _orientation(ds: Any) -> tuple[float, ...]:
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None:
-        try:
-            iop = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
-        except (AttributeError, IndexError, KeyError):
-            iop = None
-    return tuple(round(float(v), 4) for v in iop) if iop is not None else ()
-
-
-def _skip_reason(ds: Any) -> str | None:
-    sop_class = _text(ds, "SOPClassUID") or _text(getattr(ds, "file_meta", {}), "MediaStorageSOPClassUID")
-    if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
-        return SKIP_DICOMDIR
-    modality = _text(ds, "Modality").upper()
-    if modality in NON_IMAGE_MODALITIES or not ds.get("Rows"):
-        return f"{SKIP_NO_IMAGE}:{modality or 'unknown'}"
-    if not _text(ds, "SeriesInstanceUID") or not _text(ds, "SOPInstanceUID"):
-        return SKIP_NOT_DICOM
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if "LOCALIZER" in image_type:
-        return SKIP_LOCALIZER
-    return None
-
-
-def group_series(source: str, headers: Iterable[tuple[str, Any]], skipped: Counter) -> list[DicomSeries]:
-    """Group ``(locator, header)`` pairs into :class:`DicomSeries` (see the module docstring for the rules)."""
-    stacks: dict[str, dict[tuple, list[tuple[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for located, ds in headers:
-        reason = _skip_reason(ds)
-        if reason:
-            skipped[reason] += 1
-            continue
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-        key = (_text(ds, "FrameOfReferenceUID"), _orientation(ds), int(ds.Rows), int(ds.get("Columns") or 0),
-               _text(ds, "SOPInstanceUID") if n_frames > 1 else "")
-        stacks[_text(ds, "SeriesInstanceUID")][key].append((located, ds))
-    out: list[DicomSeries] = []
-    for series_uid, groups in stacks.items():
-        ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-        for index, (_, members) in enumerate(ordered, 1):
-            first = members[0][1]
-            seen: set[str] = set()
-            instances = []
-            for located, ds in sorted(members, key=lambda m: _text(m[1], "SOPInstanceUID")):
-                uid = _text(ds, "SOPInstanceUID")
-                if uid in seen:  # the same instance twice (a copy in another folder): read it once
-                    skipped["duplicate_instance"] += 1
-                    continue
-                seen.add(uid)
-                instances.append(DicomInstance(uri=located, sop_instance_uid=uid,
-                                               n_frames=int(ds.get("NumberOfFrames") or 1)))
-            out.append(DicomSeries(
-                source=source, series_instance_uid=series_uid, study_instance_uid=_text(first, "StudyInstanceUID"),
-                modality=_text(first, "Modality").upper(), series_description=_text(first, "SeriesDescription"),
-                frame_of_reference_uid=_text(first, "FrameOfReferenceUID"), sop_class_uid=_text(first, "SOPClassUID"),
-                instances=tuple(instances), split=str(index) if len(ordered) > 1 else ""))
-    return sorted(out, key=lambda s: (s.study_instance_uid, s.series_instance_uid, s.split))
 
 
 def discover_series(uri: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Discovery:
