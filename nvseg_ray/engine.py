@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -178,9 +179,13 @@ class Segmenter:
 
             assembled = load_series(source, self.cfg.storage_options, resample=self.cfg.dicom.resample,
                                     max_voxels=self.cfg.max_voxels)
-            volume = validate_nifti(assembled.image, uri=source.uri, limits=self.limits)
+            # through the header, as a NIfTI file of the series would hold it (float32 sform): the mask of a series
+            # then equals, voxel for voxel, the mask of the same series converted to NIfTI
+            header = nib.Nifti1Header(binaryblock=assembled.image.header.binaryblock)
+            image = nib.Nifti1Image(assembled.image.dataobj, header.get_best_affine(), header=header)
+            volume = validate_nifti(image, uri=source.uri, limits=self.limits)
             return dataclasses.replace(volume, source_dtype=assembled.source_dtype,
-                                       dicom=dataclasses.replace(assembled, image=None))
+                                       dicom=assembled.without_voxels())
 
     def prepare(self, volume: ValidatedVolume, timings: dict[str, float] | None = None,
                 modality: str | None = None) -> PreparedVolume:

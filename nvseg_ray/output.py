@@ -16,6 +16,8 @@ STOW-RS when the output is a DICOMweb root.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 from collections.abc import Iterable
@@ -27,7 +29,7 @@ import numpy as np
 
 from .config import InferenceConfig
 from .dicom.series import DicomSeries
-from .engine import SegmentationResult
+from .engine import Prompts, SegmentationResult
 from .errors import InputError, OutputExists
 from .labels import LabelCatalog
 from .io import encode_nifti, exists, join_uri, uri_stem, write_bytes_atomic, write_json
@@ -70,6 +72,21 @@ def output_location(source: str | DicomSeries, output_dir: str, cfg: InferenceCo
         stem = output_name or source.key
         return mask_uri(f"{stem}{NIFTI_SUFFIX}", output_dir, cfg, rel_dir=rel_dir or source.study_instance_uid)
     return mask_uri(f"{output_name}{NIFTI_SUFFIX}" if output_name else source, output_dir, cfg, rel_dir)
+
+
+def output_settings(cfg: InferenceConfig, prompts: Prompts, *, dicom: bool) -> dict[str, Any]:
+    """The settings that decide a volume's outputs (the resolved prompts included), for :func:`resume_key`."""
+    return cfg.resume_key_fields(prompts.modality, dicom=dicom) | {"modality": prompts.modality,
+                                                                  "classes": list(prompts.class_ids)}
+
+
+def resume_key(input_identity: str, settings: dict[str, Any], model_identity: str) -> str:
+    """Deterministic key of one volume's outputs: the input (a NIfTI URI, or a DICOM series' identity over its
+    SOP Instance UIDs), the output-changing settings and the model. The batch job resumes by it, and a DICOM SEG's
+    Series / SOP Instance UIDs derive from it (the same input, settings and model give the same SEG object)."""
+    payload = json.dumps({"input": input_identity, "settings": settings, "model": model_identity}, sort_keys=True,
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def seg_uri(mask: str) -> str:
@@ -199,9 +216,12 @@ def write_seg(result: SegmentationResult, *, target: str, cfg: InferenceConfig, 
     the same result again replaces the same object instead of adding a series to the PACS.
     """
     from .dicom.dicomweb import is_dicomweb_url, store
-    from .dicom.seg import build_seg, encode_seg
+    from .dicom.seg import build_seg, encode_seg, segment_class_ids
 
     assembled = result.volume.dicom
+    if not np.any(result.labels):  # a SEG needs at least one segment: say so in the report instead of failing
+        return {"uri": None, "seg_type": cfg.dicom.seg_type, "segments": 0,
+                "skipped": "no structure was found in this series, so there is no segment to store"}
     version = package_versions().get("nvseg-ray", "unknown")
     ds = build_seg(np.asarray(result.labels), assembled, catalog=catalog, seg_type=cfg.dicom.seg_type, seed=seed,
                    model_sha256=model_sha256, algorithm_version=version)
@@ -214,7 +234,7 @@ def write_seg(result: SegmentationResult, *, target: str, cfg: InferenceConfig, 
         write_bytes_atomic(data, target, cfg.storage_options, overwrite=overwrite)
         where, nbytes = target, len(data)
     return {"uri": redact_uri(where), "seg_type": cfg.dicom.seg_type, "series_instance_uid": str(ds.SeriesInstanceUID),
-            "sop_instance_uid": str(ds.SOPInstanceUID), "segments": len(ds.SegmentSequence), "bytes": nbytes}
+            "sop_instance_uid": str(ds.SOPInstanceUID), "segments": len(segment_class_ids(ds)), "bytes": nbytes}
 
 
 def dicom_report(result: SegmentationResult) -> dict[str, Any] | None:

@@ -304,8 +304,8 @@ class Gateway:
     def _respond(self, result, request: PreparedRequest, fmt: str) -> Response:
         table = result.statistics
         if fmt == "dicom-seg":
-            body = seg_response_bytes(result, catalog=self.processor.catalog, seg_type=request.cfg.dicom.seg_type,
-                                      model_sha256=None)
+            body = seg_response_bytes(result, request.cfg, catalog=self.processor.catalog,
+                                      model_identity=self.settings.checkpoint or "")
             return Response(body, media_type="application/dicom",
                             headers={"Content-Disposition": content_disposition(f"{request.name}_seg.dcm")})
         if fmt == "json":

@@ -41,8 +41,9 @@ def _no_phi(*texts: str) -> None:
             assert value not in text, f"patient identifier {value!r} leaked"
 
 
-def _seg_labels(path: Path | bytes) -> np.ndarray:
-    """A SEG read back with highdicom, as (X, Y, Z) global class ids (segment label -> class id via the catalog)."""
+def _seg_labels(path: Path | bytes, fx: dsyn.SeriesFixture) -> np.ndarray:
+    """A SEG read back with highdicom onto the series' own grid, as (X, Y, Z) global class ids (segment number ->
+    class id through the segment descriptions); raises unless the SEG's frames lie exactly on that grid."""
     import io
 
     import highdicom as hd
@@ -51,12 +52,13 @@ def _seg_labels(path: Path | bytes) -> np.ndarray:
 
     seg = hd.seg.segread(io.BytesIO(path) if isinstance(path, bytes) else str(path))
     mapping = segment_class_ids(seg)
-    volume = seg.get_volume(combine_segments=True, relabel=False)
-    numbers = np.asarray(volume.array)  # (slice, row, col) segment numbers
-    out = np.zeros_like(numbers, dtype=np.int64)
-    for number, class_id in mapping.items():
-        out[numbers == number] = class_id
-    return np.transpose(out, (2, 1, 0))
+    class_ids = np.zeros(max(mapping) + 1, np.int64)
+    class_ids[list(mapping)] = list(mapping.values())
+    x, y, z = fx.shape
+    grid = hd.VolumeGeometry(affine=np.asarray(fx.lps_affine)[:, [2, 1, 0, 3]], spatial_shape=(z, y, x),
+                             coordinate_system="PATIENT", frame_of_reference_uid=fx.frame_of_reference_uid)
+    matched = seg.get_volume(combine_segments=True, relabel=False).match_geometry(grid)
+    return class_ids[matched.array].transpose(2, 1, 0)
 
 
 def test_folder_of_three_series_plus_sr_and_scout(tiny_checkpoint, tmp_path, capsys):
@@ -75,7 +77,7 @@ def test_folder_of_three_series_plus_sr_and_scout(tiny_checkpoint, tmp_path, cap
         img = nib.load(mask)
         np.testing.assert_allclose(img.affine, fx.ras_affine, atol=1e-4)
         labels = np.asarray(img.dataobj)
-        assert np.array_equal(_seg_labels(seg), labels), "the SEG reads back to the NIfTI mask's labels"
+        assert np.array_equal(_seg_labels(seg, fx), labels), "the SEG reads back to the NIfTI mask's labels"
         report_text = report_path.read_text()
         _no_phi(report_text)
         report = json.loads(report_text)
@@ -87,9 +89,16 @@ def test_folder_of_three_series_plus_sr_and_scout(tiny_checkpoint, tmp_path, cap
 @pytest.mark.parametrize("orientation,kw", [("axial", {}), ("oblique", {}), ("coronal", {"feet_first": True}),
                                             ("axial", {"multiframe": True})])
 def test_dicom_mask_equals_mask_of_the_same_series_as_nifti(tiny_checkpoint, tmp_path, orientation, kw):
+    """The series converted to NIfTI (our assembly, saved to a file; its affine and voxels equal the generator's and,
+    in tests/test_dicom_assembly.py, dcm2niix's) segments to the same mask as the series itself."""
+    from nvseg_ray.dicom.assembly import load_series
+
     fx = dsyn.write_series(tmp_path / "s", orientation=orientation, seed=3, **kw)
     nifti = tmp_path / "same.nii.gz"
-    nib.save(nib.Nifti1Image(fx.expected, fx.ras_affine), nifti)
+    converted = load_series(fx.dicom_series()).image
+    np.testing.assert_allclose(converted.affine, fx.ras_affine, atol=1e-4)
+    assert np.array_equal(np.asarray(converted.dataobj), fx.expected)
+    nib.save(converted, nifti)
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, patch_size=TEST_PATCH, device="cpu", classes=["liver", 5])
     segmenter = Segmenter(cfg)
     from_dicom = segmenter.segment(fx.dicom_series())

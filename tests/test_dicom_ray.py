@@ -44,20 +44,20 @@ def test_batch_over_a_dicom_prefix_resumes_by_instance_set(tiny_checkpoint, tmp_
                                  "patch_size": TEST_PATCH, "device": "cpu"})
     lines: list[str] = []
     first = run_batch(cfg, echo=lines.append)
-    rows = {r["series_instance_uid"]: r for r in first.frame.to_dict("records")}
+    rows = {r["series_instance_uid"]: r for r in first.manifest.to_dict("records")}
     assert first.exit_code == 0 and len(rows) == 3
     assert rows[a.series_uid]["status"] == "ok" and rows[b.series_uid]["n_instances"] == len(b.paths) - 4
     assert rows[broken.series_uid]["status"] == "failed"
     assert rows[broken.series_uid]["error_code"] == "dicom_uneven_spacing"
     assert rows[a.series_uid]["study_instance_uid"] == a.study_uid and rows[a.series_uid]["dicom_modality"] == "CT"
     assert fs.exists(rows[a.series_uid]["seg_uri"].split("://", 1)[1])
-    manifest_text = json.dumps(first.frame.to_dict("records"), default=str) + "\n".join(lines)
+    manifest_text = json.dumps(first.manifest.to_dict("records"), default=str) + "\n".join(lines)
     for value in PHI:
         assert value not in manifest_text
     # b gains its last slices: only b is redone; a is skipped; the broken series fails again
     _upload(fs, b.paths[-4:], prefix)
     second = run_batch(cfg, echo=lambda s: None)
-    rows2 = {r["series_instance_uid"]: r for r in second.frame.to_dict("records")}
+    rows2 = {r["series_instance_uid"]: r for r in second.manifest.to_dict("records")}
     assert rows2[a.series_uid]["status"] == "skipped"
     assert rows2[b.series_uid]["status"] == "ok" and rows2[b.series_uid]["n_instances"] == len(b.paths)
 
@@ -77,7 +77,7 @@ def test_serve_zip_upload_returns_seg_and_nifti(dicom_service, tmp_path):
                       data={"classes": "liver,spleen", "output": "dicom-seg"}, timeout=TIMEOUT_S)
     assert resp.status_code == 200, resp.text[:500]
     assert resp.headers["content-type"] == "application/dicom"
-    seg_labels = _seg_labels(resp.content)
+    seg_labels = _seg_labels(resp.content, fx)
     resp = httpx.post(f"{dicom_service}/v1/segment", files={"file": ("series.zip", archive, "application/zip")},
                       data={"classes": "liver,spleen", "output": "nifti"}, timeout=TIMEOUT_S)
     assert resp.status_code == 200, resp.text[:500]
@@ -110,7 +110,7 @@ def test_serve_dicomweb_series_url(dicom_service, tmp_path, orthanc):
     resp = httpx.post(f"{dicom_service}/v1/vista3d/inference",
                       json={"image": url, "modality": "auto", "output": {"format": "dicom-seg"}}, timeout=TIMEOUT_S)
     assert resp.status_code == 200, resp.text[:500]
-    labels = _seg_labels(resp.content)
+    labels = _seg_labels(resp.content, fx)
     assert labels.shape == fx.shape
     resp = httpx.post(f"{dicom_service}/v1/vista3d/inference",
                       json={"image": url.replace(fx.series_uid, "1.2.3.4"), "prompts": {"classes": ["liver"]}},

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from collections.abc import Sequence
-from typing import Any
 
 from ..config import InferenceConfig
 from ..engine import resolve_prompts
 from ..errors import NvsegError
 from ..io import split_uri
 from ..labels import LabelCatalog
-from ..output import output_location, report_uri, seg_uri
+from ..output import output_location, output_settings, report_uri, resume_key, seg_uri
 from .inputs import WorkItem
 from .rows import STATUS_FAILED, STATUS_PENDING, STATUS_SKIPPED, new_row
 
@@ -57,13 +55,6 @@ def checkpoint_identity(uri: str, storage_options: dict | None = None) -> str:
     return f"{uri}|{info.get('size')}|{stamp}"
 
 
-def resume_key(item_uri: str, settings: dict[str, Any], model_identity: str) -> str:
-    """Deterministic key of one output: input URI + mask-changing settings + model identity."""
-    payload = json.dumps({"input": item_uri, "settings": settings, "model": model_identity}, sort_keys=True,
-                         default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
 def plan_rows(items: Sequence[WorkItem], output: str, cfg: InferenceConfig, catalog: LabelCatalog,
               model_identity: str, *, seg_root: str | None = None) -> list[dict]:
     """One row per item: pending, skipped (finished with the same key) or failed (bad prompt / conflicts).
@@ -101,9 +92,10 @@ def plan_rows(items: Sequence[WorkItem], output: str, cfg: InferenceConfig, cata
         row["class_ids"] = list(prompts.class_ids)
         row["modality"] = prompts.modality or ""
         row["requested"] = json.dumps(prompts.requested)
-        settings = cfg.resume_key_fields(prompts.modality, dicom=series is not None) | {
-            "modality": prompts.modality, "classes": list(prompts.class_ids)}
+        settings = output_settings(cfg, prompts, dicom=series is not None)
         row["resume_key"] = resume_key(series.identity() if series else item.uri, settings, model_identity)
+        if series is not None:  # the same series and settings with other instances is redone, not a conflict
+            row["settings_key"] = resume_key(series.key, settings, model_identity)
         if row["output_uri"] in seen:
             rows.append(_fail(row, CODE_DUPLICATE_OUTPUT,
                               f"{item.uri} and {seen[row['output_uri']]} would both write {row['output_uri']}",
@@ -132,10 +124,19 @@ def _apply_resume(rows: list[dict], cfg: InferenceConfig) -> None:
             previous = None
         if previous == row["resume_key"]:
             row["status"] = STATUS_SKIPPED
+        elif row["settings_key"] and row["settings_key"] == _report_field(raw, "settings_key"):
+            continue  # a DICOM series that gained or lost instances since its outputs were written: redo it
         else:
             _fail(row, CODE_OUTPUT_CONFLICT,
                   f"{row['output_uri']} already exists from a run with other settings, model or input",
                   "pass --overwrite to replace it, or write to another --output")
+
+
+def _report_field(raw: bytes, name: str) -> str | None:
+    try:
+        return json.loads(raw).get(name)
+    except (ValueError, AttributeError):
+        return None
 
 
 def _fail(row: dict, code: str, message: str, hint: str | None = None) -> dict:

@@ -31,7 +31,7 @@ DICOM_COLUMNS = ("study_instance_uid", "series_instance_uid", "dicom_modality", 
 MANIFEST_COLUMNS = (
     "uri", "rel_dir", "status", "error_code", "error_message", "output_uri", "modality", "requested",
     "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *TIMING_COLUMNS,
-    *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, *DICOM_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key",
+    *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, *DICOM_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key", "settings_key",
 )
 
 
@@ -42,7 +42,7 @@ def new_row(uri: str, rel_dir: str = "") -> dict[str, Any]:
         "output_uri": "", "modality": "", "requested": "null", "class_ids": [], "input_shape": [],
         "input_voxels": 0, "labelled_voxels": 0, "n_labels": 0,
         "preprocess_node": "", "model_node": "", "model_actor": "", "postprocess_node": "", "attempts": 0,
-        "model_sha256": "", "resume_key": "",
+        "model_sha256": "", "resume_key": "", "settings_key": "",
     }
     row.update({name: 0.0 for name in (*TIMING_COLUMNS, *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS)})
     row.update({name: b"" for name in PAYLOAD_COLUMNS})

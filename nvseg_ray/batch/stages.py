@@ -149,9 +149,10 @@ def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]
         report = write_outputs(result, input_uri=row["uri"], output_uri=row["output_uri"] if nifti else None,
                                cfg=cfg, model_uri=cfg.checkpoint, model_sha256=row["model_sha256"] or None,
                                seg_target=row["seg_uri"] or None, seed=row["resume_key"], catalog=segmenter.catalog,
-                               report_target=report_uri(row["output_uri"]), extra={"resume_key": row["resume_key"]})
+                               report_target=report_uri(row["output_uri"]), extra={"resume_key": row["resume_key"],
+                                                                        "settings_key": row["settings_key"]})
         if row["seg_uri"]:
-            row["seg_uri"] = report["dicom"]["seg"]["uri"]
+            row["seg_uri"] = report["dicom"]["seg"]["uri"] or ""
         row["labelled_voxels"] = int(sum(s["voxels"] for s in result.statistics))
         row["n_labels"] = len(result.statistics)
         row["status"] = STATUS_OK

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     """
     from ..dicom.dicomweb import is_dicomweb_url
     from ..engine import Segmenter, resolve_prompts
-    from ..output import duplicate_output_error, earlier_claims, output_location, report_uri, seg_uri, write_outputs
+    from ..output import (duplicate_output_error, earlier_claims, output_location, output_settings, report_uri,
+                          resume_key, seg_uri, write_outputs)
 
     cfg = config_from_args(args)
     if not cfg.checkpoint:
@@ -114,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
             report = write_outputs(
                 result, input_uri=where, output_uri=out if nifti else None, cfg=cfg, model_uri=model.uri,
                 model_sha256=model.sha256, seg_target=(args.output_dir if to_pacs else seg_uri(out)) if seg else None,
-                seed=source.identity() if is_dicom else where, catalog=segmenter.catalog,
+                seed=resume_key(source.identity() if is_dicom else where,
+                                output_settings(cfg, result.prompts, dicom=is_dicom), model.sha256 or model.uri),
+                catalog=segmenter.catalog,
                 report_target=None if to_pacs else report_uri(out))
         except NvsegError as err:
             failed += 1
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         stages = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
         written = [redact_uri(out)] if nifti else []
         if seg:
-            written.append(report["dicom"]["seg"]["uri"])
+            written.append(report["dicom"]["seg"]["uri"] or "no SEG (nothing found)")
         say(f"{prefix} -> {', '.join(written)} ({len(result.statistics)} labels; {stages})")
     if failed:
         print(f"{failed} of {len(inputs)} volume(s) failed", file=sys.stderr)

@@ -29,7 +29,7 @@ frame at a time for multi-frame objects) and each dataset's PixelData is dropped
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import nibabel as nib
@@ -104,7 +104,7 @@ class AssembledSeries:
             2.00 mm (linear)"`` (for reports).
     """
 
-    image: nib.Nifti1Image
+    image: nib.Nifti1Image | None
     lps_affine: np.ndarray
     series: DicomSeries
     source_datasets: list
@@ -112,6 +112,18 @@ class AssembledSeries:
     source_dtype: str
     resampled: bool = False
     notes: list[str] = field(default_factory=list)
+    #: (X, Y, Z) of the grid once the image is dropped (:meth:`without_voxels`).
+    grid: tuple[int, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(X, Y, Z) of the volume grid."""
+        return tuple(int(n) for n in (self.image.shape[:3] if self.image is not None else self.grid))
+
+    def without_voxels(self) -> AssembledSeries:
+        """A copy without the image (headers, geometry and notes only): what travels with the mask to the SEG
+        writer (batch rows pickle it)."""
+        return replace(self, image=None, grid=self.shape)
 
 
 @dataclass

@@ -171,9 +171,7 @@ def segment_coding(catalog: LabelCatalog, class_id: int) -> SegmentCoding:
 
 def _packaged_by_name(catalog: LabelCatalog, name: str) -> SegmentCoding | None:
     """The packaged catalog's coding of the class called ``name`` (same lookup key as prompts), if any."""
-    from .catalog import LabelCatalog
-
-    packaged = LabelCatalog.default()
+    packaged = type(catalog).default()  # the catalog's own class: no import of .catalog here (no cycle)
     if packaged is catalog:
         return None
     try:

@@ -78,21 +78,22 @@ def dicomweb_series(url: str, policy: FetchPolicy) -> DicomSeries:
     return _single(series, redact_uri(public_url(url)))
 
 
-def seg_response_bytes(result: Any, *, catalog: Any, seg_type: str, model_sha256: str | None) -> bytes:
-    """The DICOM SEG (Part 10 bytes) of a DICOM series' result; its UIDs derive from the series' identity, so the
-    same series and model give the same SEG.
+def seg_response_bytes(result: Any, cfg: Any, *, catalog: Any, model_identity: str,
+                       model_sha256: str | None = None) -> bytes:
+    """The DICOM SEG (Part 10 bytes) of a DICOM series' result (``cfg``: the request's InferenceConfig); its UIDs
+    derive from the series' identity, the settings and the model, so the same request gives the same SEG object.
 
     Raises:
         ConfigError: the request's input was NIfTI (a SEG needs the source instances).
+        DicomError: ``empty_segmentation`` when nothing was found (a SEG needs a segment).
     """
-    from ..config import InferenceConfig
     from ..dicom.seg import build_seg, encode_seg
-    from ..output import package_versions
+    from ..output import output_settings, package_versions, resume_key
 
     assembled = result.volume.dicom
     if assembled is None:
-        InferenceConfig(output_format="dicom-seg").output_formats(dicom=False)  # raises the one explanation
-    ds = build_seg(result.labels, assembled, catalog=catalog, seg_type=seg_type,
-                   seed=assembled.series.identity() + (model_sha256 or ""), model_sha256=model_sha256,
-                   algorithm_version=package_versions().get("nvseg-ray", "unknown"))
+        cfg.model_copy(update={"output_format": "dicom-seg"}).output_formats(dicom=False)  # raises the explanation
+    seed = resume_key(assembled.series.identity(), output_settings(cfg, result.prompts, dicom=True), model_identity)
+    ds = build_seg(result.labels, assembled, catalog=catalog, seg_type=cfg.dicom.seg_type, seed=seed,
+                   model_sha256=model_sha256, algorithm_version=package_versions().get("nvseg-ray", "unknown"))
     return encode_seg(ds)
