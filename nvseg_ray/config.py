@@ -279,15 +279,16 @@ class InferenceConfig(BaseModel):
         data: dict[str, Any] = load_yaml_mapping(yaml_path) if yaml_path is not None else {}
         return validate_config(cls, merge_overrides(data, overrides), source=str(yaml_path) if yaml_path else "options")
 
-    def output_formats(self, *, dicom: bool) -> tuple[bool, bool]:
-        """``(write_nifti, write_seg)`` for a DICOM series (``dicom``) or a NIfTI volume.
+    def output_formats(self, *, dicom: bool, to_dicomweb: bool = False) -> tuple[bool, bool]:
+        """``(write_nifti, write_seg)`` for a DICOM series (``dicom``) or a NIfTI volume; ``to_dicomweb``: the SEGs
+        go to a DICOMweb server, so ``auto`` means the SEG only.
 
         Raises:
             ConfigError: ``dicom-seg`` / ``both`` for NIfTI input (a SEG references source instances).
         """
         fmt = self.output_format
         if fmt == "auto":
-            return True, dicom
+            return not (dicom and to_dicomweb), dicom
         if not dicom and fmt != "nifti":
             raise ConfigError(f"--output-format {fmt} needs DICOM input: a DICOM SEG references the source series' "
                               "instances, which a NIfTI volume does not have",

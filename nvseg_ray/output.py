@@ -215,7 +215,7 @@ def write_seg(result: SegmentationResult, *, target: str, cfg: InferenceConfig, 
     ``seed`` (the batch resume key, or the input identity) fixes the SEG's Series and SOP Instance UIDs, so writing
     the same result again replaces the same object instead of adding a series to the PACS.
     """
-    from .dicom.dicomweb import is_dicomweb_url, store
+    from .dicom.dicomweb import is_dicomweb_url, public_url, store
     from .dicom.seg import build_seg, encode_seg, segment_class_ids
 
     assembled = result.volume.dicom
@@ -227,7 +227,7 @@ def write_seg(result: SegmentationResult, *, target: str, cfg: InferenceConfig, 
                    model_sha256=model_sha256, algorithm_version=version)
     if is_dicomweb_url(target):
         store(target, [ds])
-        where = f"{target.rstrip('/')}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        where = f"{public_url(target).rstrip('/')}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
         nbytes = None
     else:
         data = encode_seg(ds)

@@ -20,6 +20,7 @@ from nvseg_ray.engine import Segmenter
 from nvseg_ray.errors import EXIT_INVALID, EXIT_VOLUMES_FAILED
 
 from .model_helpers import TEST_PATCH
+from .test_dicom_seg import DCIODVFY, dciodvfy_errors
 
 pytest.importorskip("highdicom")
 
@@ -78,6 +79,9 @@ def test_folder_of_three_series_plus_sr_and_scout(tiny_checkpoint, tmp_path, cap
         np.testing.assert_allclose(img.affine, fx.ras_affine, atol=1e-4)
         labels = np.asarray(img.dataobj)
         assert np.array_equal(_seg_labels(seg, fx), labels), "the SEG reads back to the NIfTI mask's labels"
+        if DCIODVFY:  # the standard's own checker (Debian dicom3tools): no IOD errors in a BINARY SEG
+            errors, text = dciodvfy_errors(seg)
+            assert not errors, text
         report_text = report_path.read_text()
         _no_phi(report_text)
         report = json.loads(report_text)
@@ -171,3 +175,21 @@ def _seg_series_in(orthanc, study_uid: str) -> list[str]:
                        headers=orthanc._headers(), timeout=30)
     answer.raise_for_status()
     return [item["0020000E"]["Value"][0] for item in (answer.json() if answer.content else [])]
+
+
+def test_dicomweb_urls_pass_the_serve_url_rules(tmp_path):
+    """The Serve app checks a DICOMweb URL like any image URL before a request is sent: a loopback PACS is refused
+    unless allow_private_networks, and a host outside the allow-list is refused."""
+    from nvseg_ray.errors import FetchRefused
+    from nvseg_ray.serving.dicom_input import dicomweb_series
+    from nvseg_ray.serving.fetch import FetchPolicy
+
+    url = "http://127.0.0.1:9/dicom-web/studies/1.2.3/series/1.2.3.4"
+    with pytest.raises(FetchRefused) as private:
+        dicomweb_series(url, FetchPolicy())
+    assert private.value.http_status == 403
+    with pytest.raises(FetchRefused):
+        dicomweb_series("dicomweb+" + url, FetchPolicy())
+    with pytest.raises(FetchRefused):
+        dicomweb_series(url.replace("127.0.0.1", "pacs.example.org"),
+                        FetchPolicy(allowed_hosts=("images.example.org",)))

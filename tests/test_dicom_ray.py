@@ -116,3 +116,30 @@ def test_serve_dicomweb_series_url(dicom_service, tmp_path, orthanc):
                       json={"image": url.replace(fx.series_uid, "1.2.3.4"), "prompts": {"classes": ["liver"]}},
                       timeout=TIMEOUT_S)
     assert resp.status_code in (404, 422), resp.text[:300]
+
+
+def test_batch_from_a_qido_query_stores_segs_into_the_pacs(tiny_checkpoint, tmp_path, orthanc):
+    """--input a QIDO-RS query, --output the DICOMweb root (STOW-RS), --run-dir for the manifest and reports; a
+    re-run skips what is done."""
+    from nvseg_ray.dicom.dicomweb import discover
+
+    ct = dsyn.write_series(tmp_path / "ct", seed=21, shape=(40, 36, 16))
+    mr = dsyn.write_series(tmp_path / "mr", seed=22, shape=(40, 36, 16), modality="MR", study_uid=ct.study_uid)
+    orthanc.upload([*ct.paths, *mr.paths])
+    root = orthanc.dicomweb_root
+    cfg = BatchConfig(input=f"{root}/series?Modality=CT&StudyInstanceUID={ct.study_uid}", output=f"dicomweb+{root}",
+                      run_dir=str(tmp_path / "run"), progress_interval_s=60, progress_bars=False,
+                      inference={"checkpoint": tiny_checkpoint, "modality": "auto", "classes": ["liver", "spleen"],
+                                 "patch_size": TEST_PATCH, "device": "cpu"})
+    first = run_batch(cfg, echo=lambda s: None)
+    rows = first.manifest.to_dict("records")
+    assert first.exit_code == 0 and [r["series_instance_uid"] for r in rows] == [ct.series_uid]
+    assert rows[0]["status"] == "ok" and rows[0]["seg_uri"].startswith(root)
+    assert not list((tmp_path / "run").rglob("*.nii.gz")) and list((tmp_path / "run").rglob("*_trans.json"))
+    series, skipped = discover(f"{root}/studies/{ct.study_uid}")
+    assert {s.series_instance_uid for s in series} == {ct.series_uid, mr.series_uid}
+    assert skipped.get("no_image:SEG") == 1  # the stored SEG, in the source study
+    again = run_batch(cfg, echo=lambda s: None)
+    assert [r["status"] for r in again.manifest.to_dict("records")] == ["skipped"]
+    with pytest.raises(Exception, match="run-dir"):
+        BatchConfig(input=cfg.input, output=f"dicomweb+{root}", inference={"checkpoint": tiny_checkpoint})

@@ -82,8 +82,6 @@ class BatchConfig(BaseModel):
         if self.seg_root and not self.run_dir:
             raise ValueError("output is a DICOMweb server, which stores the SEGs only: give --run-dir FOLDER_OR_URI "
                              "for the run manifest and the per-series reports (resume reads them)")
-        if self.seg_root and self.inference.output_format in ("nifti", "both") and not self.run_dir:
-            raise ValueError("NIfTI masks need --run-dir when output is a DICOMweb server")
         return self
 
     @classmethod

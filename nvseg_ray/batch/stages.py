@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import InferenceConfig
+from ..dicom.dicomweb import is_dicomweb_url
 from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses
 from ..errors import NvsegError
 from ..boundary import describe_exception
@@ -144,7 +145,8 @@ def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]
         prompts = prompts_of(row, cfg)
         result: SegmentationResult = segmenter.finish(labels, record, volume, prompts, timings)
         result.timings.update({"read": row["t_read"], "preprocess": row["t_preprocess"], "infer": row["t_infer"]})
-        nifti, _ = cfg.output_formats(dicom=bool(row["series"]))
+        nifti, _ = cfg.output_formats(dicom=bool(row["series"]),
+                                      to_dicomweb=bool(row["seg_uri"]) and is_dicomweb_url(row["seg_uri"]))
         # the report is written last: it marks the outputs finished (resume)
         report = write_outputs(result, input_uri=row["uri"], output_uri=row["output_uri"] if nifti else None,
                                cfg=cfg, model_uri=cfg.checkpoint, model_sha256=row["model_sha256"] or None,

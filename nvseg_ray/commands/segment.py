@@ -86,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     for note in notes:
         say(note)
-    for source in inputs:  # refuse a NIfTI input with --output-format dicom-seg before any work
+    for source in inputs:  # refuse a NIfTI input with --output-format dicom-seg (or a PACS output) before any work
         cfg.output_formats(dicom=isinstance(source, DicomSeries))
+        if to_pacs and not isinstance(source, DicomSeries):
+            raise ConfigError(f"{_where(source)} is NIfTI, but --output-dir {redact_uri(args.output_dir)} is a "
+                              "DICOMweb server, which takes DICOM SEG only (a SEG needs DICOM source instances)",
+                              hint="write NIfTI input to a folder or bucket")
     outputs = [output_location(src, "." if to_pacs else args.output_dir, cfg) for src in inputs]
     earlier = earlier_claims(zip(map(_where, inputs), outputs))
     segmenter = Segmenter(cfg)
@@ -98,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
         where = _where(source)
         prefix = f"[{index}/{len(inputs)}] {where}"
         is_dicom = isinstance(source, DicomSeries)
-        nifti, seg = cfg.output_formats(dicom=is_dicom)
-        if to_pacs:
-            nifti, seg = False, True
+        nifti, seg = cfg.output_formats(dicom=is_dicom, to_dicomweb=to_pacs)
         targets = [t for t, wanted in ((out, nifti), (seg_uri(out), seg and not to_pacs)) if wanted]
         try:
             if first is not None:  # before the exists check: never "skipped" nor overwriting another patient's mask
