@@ -193,3 +193,30 @@ def test_dicomweb_urls_pass_the_serve_url_rules(tmp_path):
     with pytest.raises(FetchRefused):
         dicomweb_series(url.replace("127.0.0.1", "pacs.example.org"),
                         FetchPolicy(allowed_hosts=("images.example.org",)))
+
+
+def test_zip_inflating_beyond_the_voxel_budget_is_refused_before_inflating(tmp_path):
+    """A zip whose members declare more bytes than the voxel budget can hold is refused from the central directory
+    (a zip bomb is never inflated)."""
+    import zipfile
+
+    from nvseg_ray.dicom.discovery import discover_series
+    from nvseg_ray.dicom.sources import load_datasets
+    from nvseg_ray.errors import DicomError
+
+    fx = dsyn.write_series(tmp_path / "s", seed=8)
+    archive = tmp_path / "bomb.zip"
+    dsyn.zip_series(archive, [fx])
+    import pydicom
+
+    padded = pydicom.dcmread(fx.paths[-1])
+    padded.SOPInstanceUID = padded.file_meta.MediaStorageSOPInstanceUID = dsyn.uid(8, "padded")
+    padded.ImagePositionPatient = [float(v) + 50.0 for v in padded.ImagePositionPatient]
+    padded.DataSetTrailingPadding = b"\0" * (64 * 2**20)  # 64 MB of zeros after the pixel data: ~64 KB zipped
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("padded.dcm", dsyn.dataset_bytes(padded))
+    series = discover_series(str(archive)).series
+    assert len(series) == 1
+    with pytest.raises(DicomError) as err:
+        load_datasets(series[0], max_bytes=8 * 2**20)
+    assert err.value.code == "too_large" and fx.series_uid in err.value.message

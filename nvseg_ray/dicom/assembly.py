@@ -152,9 +152,10 @@ def load_series(series: DicomSeries, storage_options: Mapping[str, Any] | None =
                 max_voxels: int | None = DEFAULT_MAX_VOXELS) -> AssembledSeries:
     """Read the instances of ``series`` (:func:`~nvseg_ray.dicom.sources.load_datasets`) and assemble them
     (:func:`assemble_series`)."""
-    from .sources import load_datasets
+    from .sources import MAX_BYTES_PER_VOXEL, load_datasets
 
-    datasets = load_datasets(series, dict(storage_options) if storage_options is not None else None)
+    datasets = load_datasets(series, dict(storage_options) if storage_options is not None else None,
+                             max_bytes=None if max_voxels is None else max_voxels * MAX_BYTES_PER_VOXEL)
     return assemble_series(datasets, series, resample=resample, max_voxels=max_voxels)
 
 

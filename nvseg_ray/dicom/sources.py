@@ -56,14 +56,30 @@ def _read_member(zf: Any, name: str, archive: str) -> bytes:
         return handle.read(MAX_ZIP_MEMBER_BYTES + 1)
 
 
-def load_datasets(series: DicomSeries, storage_options: Mapping[str, Any] | None = None) -> list[Any]:
+#: Bytes of instance data read per voxel of the volume budget at most (``max_voxels`` x this): stored pixels take 1-4
+#: bytes per voxel and headers a few KB per slice, so 8 leaves room for any real series while a zip whose members
+#: inflate far beyond what the budget can hold (a zip bomb) is refused before it is inflated.
+MAX_BYTES_PER_VOXEL = 8
+
+
+def _too_many_bytes(series: DicomSeries, nbytes: int, max_bytes: int) -> DicomError:
+    return DicomError(f"series {series.key} of {redact_uri(series.source)} holds more than {max_bytes} bytes of "
+                      f"instance data ({nbytes} read or declared), more than the voxel budget allows",
+                      hint="raise --max-voxels if this really is one series, or check the archive",
+                      code="too_large", series_uid=series.series_instance_uid)
+
+
+def load_datasets(series: DicomSeries, storage_options: Mapping[str, Any] | None = None, *,
+                  max_bytes: int | None = None) -> list[Any]:
     """Full ``pydicom.Dataset`` objects (pixel data included) of ``series``, in the order of ``series.instances``.
 
-    Zip members are read from one open archive; object-store instances concurrently (:data:`READ_THREADS`);
-    DICOMweb series with one WADO-RS request (original transfer syntax).
+    Zip members are read from one open archive (their declared sizes checked against ``max_bytes`` before any is
+    inflated); object-store instances concurrently (:data:`READ_THREADS`); DICOMweb series with one WADO-RS
+    request (original transfer syntax).
 
     Raises:
-        DicomError: an instance is not readable DICOM (``dicom_unreadable``) or changed since discovery.
+        DicomError: an instance is not readable DICOM (``dicom_unreadable``) or changed since discovery;
+            ``too_large`` when the series' instances hold more than ``max_bytes``.
         StorageError: an instance cannot be read.
     """
     from .dicomweb import is_dicomweb_url, retrieve_series
@@ -78,10 +94,24 @@ def load_datasets(series: DicomSeries, storage_options: Mapping[str, Any] | None
     if all(members):
         archive = members[0][0]
         with open_zip(archive, storage_options) as zf:
+            if max_bytes is not None:
+                declared = sum(zf.getinfo(name).file_size for _, name in members if name in zf.NameToInfo)
+                if declared > max_bytes:
+                    raise _too_many_bytes(series, declared, max_bytes)
             return [_dataset(_read_member(zf, name, archive), f"{archive}!{name}") for _, name in members]
     uris = [i.uri for i in series.instances]
+    total = 0
+
+    def read(uri: str) -> Any:
+        nonlocal total
+        raw = read_instance_bytes(uri, storage_options)
+        total += len(raw)  # no lock needed: a late check only lets one more instance in
+        if max_bytes is not None and total > max_bytes:
+            raise _too_many_bytes(series, total, max_bytes)
+        return _dataset(raw, uri)
+
     remote = "://" in first and not first.startswith("file://")
     if remote and len(uris) > 1:
         with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
-            return list(pool.map(lambda u: _dataset(read_instance_bytes(u, storage_options), u), uris))
-    return [_dataset(read_instance_bytes(uri, storage_options), uri) for uri in uris]
+            return list(pool.map(read, uris))
+    return [read(uri) for uri in uris]
