@@ -399,6 +399,11 @@ class Gateway:
                 f"this service replica already holds {len(self._tasks)} queued or running jobs "
                 f"(limit {self.settings.max_jobs})", hint="retry after the Retry-After delay"),
                 retry_after_s=self.settings.retry_after_s)
+        if is_dicomweb_url(body.image):
+            raise ConfigError("POST /v1/jobs takes NIfTI image URIs; a DICOMweb series is segmented by POST "
+                              "/v1/vista3d/inference (or, for whole studies and archives, by the batch job)",
+                              hint="send the DICOMweb series URL to /v1/vista3d/inference with "
+                              '"output": {"format": "dicom-seg"}')
         fields = prompt_fields(body.prompts, body.modality, self.settings.default_modality, self.settings.max_points)
         self.processor.config_for(fields)
         body.output_uri = await self._check_output_uri(body.output_uri)  # the canonical URI is what gets written

@@ -116,6 +116,9 @@ def test_serve_dicomweb_series_url(dicom_service, tmp_path, orthanc):
                       json={"image": url.replace(fx.series_uid, "1.2.3.4"), "prompts": {"classes": ["liver"]}},
                       timeout=TIMEOUT_S)
     assert resp.status_code in (404, 422), resp.text[:300]
+    resp = httpx.post(f"{dicom_service}/v1/jobs", json={"image": url, "output_uri": "s3://nowhere/x.nii.gz"},
+                      timeout=TIMEOUT_S)
+    assert resp.status_code == 400 and "/v1/vista3d/inference" in resp.json()["error"]["message"]
 
 
 def test_batch_from_a_qido_query_stores_segs_into_the_pacs(tiny_checkpoint, tmp_path, orthanc):
