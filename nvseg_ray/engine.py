@@ -23,7 +23,7 @@ from .labels import LabelCatalog
 from .model import LoadedModel, checkpoint_label_info, load_model
 from .postprocess import cast_labels, invert_labels, label_statistics
 from .preprocess import PreparedVolume, build_preprocessing, prepare
-from .timing import timed
+from .timing import StageTimings, timed
 from .validation import ValidatedVolume, VolumeLimits, check_model_input, read_and_validate, validate_nifti
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "write", "seg")
@@ -49,7 +49,8 @@ class SegmentationResult:
         volume: the validated input (its nibabel header/affine are reused for the output file).
         prompts: what was segmented.
         statistics: per-label ``{"id", "name", "voxels", "volume_ml"}``.
-        timings: seconds per stage (see :data:`STAGES`).
+        timings: wall seconds per stage (see :data:`STAGES`); a :class:`~nvseg_ray.timing.StageTimings` (CPU seconds
+            and peak memory per stage too) when the stages were run by :meth:`Segmenter.segment` or the batch job.
         brain: the brain workflow record as JSON (:class:`nvseg_ray.brain.BrainRecord`), or None.
     """
 
@@ -261,7 +262,7 @@ class Segmenter:
 
     def segment(self, uri: str | DicomSeries, prompts: Prompts | None = None) -> SegmentationResult:
         """All stages for one volume (a NIfTI URI or a DICOM series), in-process."""
-        timings: dict[str, float] = {}
+        timings = StageTimings()  # wall seconds, CPU seconds and peak memory per stage
         volume = self.read(uri, timings)
         prepared = self.prepare(volume, timings, modality=(prompts or self._prompts(None)).modality)
         labels = self.infer(prepared, prompts, timings)

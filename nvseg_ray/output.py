@@ -34,7 +34,7 @@ from .errors import InputError, OutputExists
 from .labels import LabelCatalog
 from .io import encode_nifti, exists, join_uri, uri_stem, write_bytes_atomic, write_json
 from .redaction import redact_uri
-from .timing import timed
+from .timing import StageTimings, timed
 
 NIFTI_SUFFIX = ".nii.gz"
 SEG_SUFFIX = ".seg.dcm"
@@ -185,6 +185,10 @@ def build_report(result: SegmentationResult, *, input_uri: str, output_uri: str,
                      "sw_batch_size": cfg.sw_batch_size, "class_chunk_size": cfg.class_chunk_size,
                      "device": cfg.device, "amp": cfg.amp},
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        # process CPU seconds (all threads) and peak resident memory (MB) per stage, where they were measured
+        **({"cpu_s": {k: round(v, 4) for k, v in result.timings.cpu_s.items()},
+            "peak_rss_mb": {k: round(v, 1) for k, v in result.timings.peak_rss_mb.items()}}
+           if isinstance(result.timings, StageTimings) else {}),
         "versions": package_versions(),
         # brain workflow: the template, the world transform (template -> input, 4x4 RAS) and the quality figures,
         # so other images of the same scan can be mapped the same way
@@ -256,17 +260,16 @@ def write_outputs(result: SegmentationResult, *, input_uri: str, output_uri: str
     The report is written last, so a report's presence means every output it lists is complete. With
     ``overwrite=False`` nothing existing is replaced (see :func:`refuse_existing`).
     """
-    start = time.perf_counter()
     if report_target is None and output_uri is not None:
         report_target = report_uri(output_uri)
-    if not overwrite:
-        for target in (output_uri, report_target, seg_target):
-            if target and not _is_dicomweb(target):
-                refuse_existing(target, cfg.storage_options, with_report=False)
-    if output_uri is not None:
-        data = encode_nifti(mask_image(result), compresslevel=cfg.compresslevel)
-        write_bytes_atomic(data, output_uri, cfg.storage_options, overwrite=overwrite)
-    result.timings["write"] = result.timings.get("write", 0.0) + time.perf_counter() - start
+    with timed(result.timings, "write"):
+        if not overwrite:
+            for target in (output_uri, report_target, seg_target):
+                if target and not _is_dicomweb(target):
+                    refuse_existing(target, cfg.storage_options, with_report=False)
+        if output_uri is not None:
+            data = encode_nifti(mask_image(result), compresslevel=cfg.compresslevel)
+            write_bytes_atomic(data, output_uri, cfg.storage_options, overwrite=overwrite)
     seg = None
     if seg_target is not None:  # timed on its own: building a SEG costs more than encoding a NIfTI
         with timed(result.timings, "seg"):

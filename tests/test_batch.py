@@ -173,6 +173,34 @@ def test_actor_crash_is_retried_then_marked_failed(tiny_checkpoint, tmp_path, mo
     assert result.summary["in_flight"] == {"limit": 1, "held": 0, "peak": 1}
 
 
+def test_cpu_stages_starved_by_other_work_are_reported_then_run(tiny_checkpoint, tmp_path, monkeypatch):
+    """Other work holding every CPU the model actor leaves (a Serve app, another job) makes the CPU stages pend:
+    the driver says so once, and the job finishes when the CPUs come back."""
+    import threading
+
+    import ray
+
+    from nvseg_ray.batch import pipeline
+
+    inputs = tmp_path / "in"
+    make_tree(inputs, {"a.nii.gz": 0})
+    monkeypatch.setattr(pipeline, "STARVED_NOTICE_S", 2.0)
+    total = ray.cluster_resources()["CPU"]
+    holder = ray.remote(num_cpus=total - 1)(type("CpuHolder", (), {"ping": lambda self: None})).remote()
+    ray.get(holder.ping.remote())  # the holder runs: one CPU is left, and the job's model actor takes it
+    release = threading.Timer(10.0, ray.kill, args=(holder,))
+    release.start()
+    lines: list[str] = []
+    try:
+        result = run_batch(batch_cfg(str(inputs), str(tmp_path / "out"), tiny_checkpoint), echo=lines.append)
+    finally:
+        release.cancel()
+        ray.kill(holder)
+    told = [line for line in lines if "wait for a CPU" in line]
+    assert len(told) == 1 and f"0 of {total:g} CPUs free" in told[0], lines
+    assert result.exit_code == 0 and by_uri(result.manifest)["a.nii.gz"]["status"] == "ok"
+
+
 def test_config_errors_are_clear(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="checkpoint is required"):
         BatchConfig.from_sources(None, input="x", output="y")

@@ -51,6 +51,9 @@ def test_batch_over_a_dicom_prefix_resumes_by_instance_set(tiny_checkpoint, tmp_
     assert rows[broken.series_uid]["error_code"] == "dicom_uneven_spacing"
     assert rows[a.series_uid]["study_instance_uid"] == a.study_uid and rows[a.series_uid]["dicom_modality"] == "CT"
     assert fs.exists(rows[a.series_uid]["seg_uri"].split("://", 1)[1])
+    # per-stage costs of the series: CPU seconds and peak memory of the worker that ran each stage
+    assert rows[a.series_uid]["cpu_infer"] > 0 and rows[a.series_uid]["t_seg"] > 0
+    assert all(rows[a.series_uid][f"rss_mb_{stage}"] > 50 for stage in ("read", "preprocess", "infer", "seg"))
     manifest_text = json.dumps(first.manifest.to_dict("records"), default=str) + "\n".join(lines)
     for value in PHI:
         assert value not in manifest_text
@@ -60,6 +63,38 @@ def test_batch_over_a_dicom_prefix_resumes_by_instance_set(tiny_checkpoint, tmp_
     rows2 = {r["series_instance_uid"]: r for r in second.manifest.to_dict("records")}
     assert rows2[a.series_uid]["status"] == "skipped"
     assert rows2[b.series_uid]["status"] == "ok" and rows2[b.series_uid]["n_instances"] == len(b.paths)
+
+
+def test_batch_from_a_qido_query_stores_segs_into_the_pacs(tiny_checkpoint, tmp_path, orthanc):
+    """--input a QIDO-RS query, --output the DICOMweb root (STOW-RS), --run-dir for the manifest and reports; a
+    re-run skips what is done."""
+    from nvseg_ray.dicom.dicomweb import discover
+
+    ct = dsyn.write_series(tmp_path / "ct", seed=21, shape=(40, 36, 16))
+    mr = dsyn.write_series(tmp_path / "mr", seed=22, shape=(40, 36, 16), modality="MR", study_uid=ct.study_uid)
+    orthanc.upload([*ct.paths, *mr.paths])
+    root = orthanc.dicomweb_root
+    cfg = BatchConfig(input=f"{root}/series?Modality=CT&StudyInstanceUID={ct.study_uid}", output=f"dicomweb+{root}",
+                      run_dir=str(tmp_path / "run"), progress_interval_s=60, progress_bars=False,
+                      inference={"checkpoint": tiny_checkpoint, "modality": "auto", "classes": ["liver", "spleen"],
+                                 "patch_size": TEST_PATCH, "device": "cpu"})
+    first = run_batch(cfg, echo=lambda s: None)
+    rows = first.manifest.to_dict("records")
+    assert first.exit_code == 0 and [r["series_instance_uid"] for r in rows] == [ct.series_uid]
+    assert rows[0]["status"] == "ok" and rows[0]["seg_uri"].startswith(root)
+    assert not list((tmp_path / "run").rglob("*.nii.gz")) and list((tmp_path / "run").rglob("*_trans.json"))
+    series, skipped = discover(f"{root}/studies/{ct.study_uid}")
+    assert {s.series_instance_uid for s in series} == {ct.series_uid, mr.series_uid}
+    assert skipped.get("no_image:SEG") == 1  # the stored SEG, in the source study
+    again = run_batch(cfg, echo=lambda s: None)
+    assert [r["status"] for r in again.manifest.to_dict("records")] == ["skipped"]
+    with pytest.raises(Exception, match="run-dir"):
+        BatchConfig(input=cfg.input, output=f"dicomweb+{root}", inference={"checkpoint": tiny_checkpoint})
+
+
+# The Serve tests come last: their module-scoped app holds 3 of the test cluster's 4 logical CPUs (one per
+# deployment) until the module ends, and a batch job's model actor takes the fourth, so a batch test after them
+# would wait for CPUs forever.
 
 
 @pytest.fixture(scope="module")
@@ -119,30 +154,3 @@ def test_serve_dicomweb_series_url(dicom_service, tmp_path, orthanc):
     resp = httpx.post(f"{dicom_service}/v1/jobs", json={"image": url, "output_uri": "s3://nowhere/x.nii.gz"},
                       timeout=TIMEOUT_S)
     assert resp.status_code == 400 and "/v1/vista3d/inference" in resp.json()["error"]["message"]
-
-
-def test_batch_from_a_qido_query_stores_segs_into_the_pacs(tiny_checkpoint, tmp_path, orthanc):
-    """--input a QIDO-RS query, --output the DICOMweb root (STOW-RS), --run-dir for the manifest and reports; a
-    re-run skips what is done."""
-    from nvseg_ray.dicom.dicomweb import discover
-
-    ct = dsyn.write_series(tmp_path / "ct", seed=21, shape=(40, 36, 16))
-    mr = dsyn.write_series(tmp_path / "mr", seed=22, shape=(40, 36, 16), modality="MR", study_uid=ct.study_uid)
-    orthanc.upload([*ct.paths, *mr.paths])
-    root = orthanc.dicomweb_root
-    cfg = BatchConfig(input=f"{root}/series?Modality=CT&StudyInstanceUID={ct.study_uid}", output=f"dicomweb+{root}",
-                      run_dir=str(tmp_path / "run"), progress_interval_s=60, progress_bars=False,
-                      inference={"checkpoint": tiny_checkpoint, "modality": "auto", "classes": ["liver", "spleen"],
-                                 "patch_size": TEST_PATCH, "device": "cpu"})
-    first = run_batch(cfg, echo=lambda s: None)
-    rows = first.manifest.to_dict("records")
-    assert first.exit_code == 0 and [r["series_instance_uid"] for r in rows] == [ct.series_uid]
-    assert rows[0]["status"] == "ok" and rows[0]["seg_uri"].startswith(root)
-    assert not list((tmp_path / "run").rglob("*.nii.gz")) and list((tmp_path / "run").rglob("*_trans.json"))
-    series, skipped = discover(f"{root}/studies/{ct.study_uid}")
-    assert {s.series_instance_uid for s in series} == {ct.series_uid, mr.series_uid}
-    assert skipped.get("no_image:SEG") == 1  # the stored SEG, in the source study
-    again = run_batch(cfg, echo=lambda s: None)
-    assert [r["status"] for r in again.manifest.to_dict("records")] == ["skipped"]
-    with pytest.raises(Exception, match="run-dir"):
-        BatchConfig(input=cfg.input, output=f"dicomweb+{root}", inference={"checkpoint": tiny_checkpoint})

@@ -302,3 +302,15 @@ def test_codes_module_imports_no_dicom_library() -> None:
             "assert not {'pydicom', 'highdicom'} & set(sys.modules), sorted(sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
+
+
+def test_cli_prints_the_dicom_codes(capsys):
+    """``nvseg labels --json --dicom-codes`` shows each class's SEG coding (what a PACS will display)."""
+    import json
+
+    from nvseg_ray.cli import main
+
+    assert main(["labels", "--search", "left kidney", "--json", "--dicom-codes"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["dicom"]["category"] and r["dicom"]["type"] for r in rows)
+    assert any(r["dicom"].get("modifier") and "Left" in json.dumps(r["dicom"]["modifier"]) for r in rows)

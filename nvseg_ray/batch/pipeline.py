@@ -57,6 +57,10 @@ FAULT_RAISE_ENV = "NVSEG_FAULT_INJECT_RAISE"
 KUBERAY_ENV = "KUBERAY_GEN_RAY_START_CMD"
 #: model calls queued per actor at most (one running, one waiting), so a free actor gets the next volume.
 MODEL_CALLS_PER_ACTOR = IN_FLIGHT_PER_ACTOR - 1
+#: Seconds without any finished stage after which the driver looks whether its CPU stages are starved (the
+#: cluster's CPUs all held by others: a Serve app, another job) and says so once: a real stage of a large volume
+#: takes tens of seconds, so two minutes of silence with no free CPU is not a slow volume but a wait.
+STARVED_NOTICE_S = 120.0
 
 
 @dataclass
@@ -327,6 +331,7 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
         done.append(row)
         progress.add(row)
 
+    last_event, starved_told = time.monotonic(), False
     try:
         for _ in range(cfg.min_actors):
             start_actor()
@@ -343,7 +348,10 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
             watched = list(by_ref) + [a.ready for a in actors if a.ready is not None]
             ready, _ = ray.wait(watched, num_returns=1, timeout=1.0, fetch_local=False)
             if not ready:
+                if not starved_told and time.monotonic() - last_event > STARVED_NOTICE_S:
+                    starved_told = _tell_if_starved(cfg, sum(v.stage != "model" for v in by_ref.values()), echo)
                 continue
+            last_event = time.monotonic()
             ready, _ = ray.wait(watched, num_returns=len(watched), timeout=0, fetch_local=False)
             for ref in ready:
                 actor = next((a for a in actors if a.ready == ref), None)
@@ -452,6 +460,23 @@ def _cpu_task_slots(cfg: BatchConfig) -> int:
     if not cfg.cpu_node_resource and not cfg.model_node_resource:
         cpus -= cfg.max_actors * cfg.model_cpus
     return max(0, int(cpus // cfg.preprocess_cpus))
+
+
+def _tell_if_starved(cfg: BatchConfig, cpu_stage_tasks: int, echo: Callable[[str], None]) -> bool:
+    """Echo (and return True) when ``cpu_stage_tasks`` read/preprocess or postprocess tasks are submitted but the
+    cluster has no CPU free for one of them: they pend until others (a Serve app, another job) release CPUs."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    need = min(cfg.preprocess_cpus, cfg.postprocess_cpus)
+    if not cpu_stage_tasks or free >= need:
+        return False
+    total = ray.cluster_resources().get("CPU", 0.0)
+    echo(f"[nvseg] {cpu_stage_tasks} volume stage(s) wait for a CPU: the cluster has {free:g} of {total:g} CPUs "
+         f"free and each task asks for {need:g}; other work (a Serve app, another job, this job's "
+         f"{cfg.max_actors} model actor(s) at {cfg.model_cpus:g} CPU each) holds the rest. They start when CPUs "
+         "free up; add a node, stop the other work, or lower --model-cpus / --preprocess-cpus / --postprocess-cpus")
+    return True
 
 
 def _tick(stop: threading.Event, progress: Progress, interval: float, echo: Callable[[str], None],

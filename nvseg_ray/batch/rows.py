@@ -15,8 +15,12 @@ STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
 STATUS_FAILED = "failed"
 
-#: per-stage timing columns, seconds.
-TIMING_COLUMNS = ("t_read", "t_preprocess", "t_infer", "t_postprocess", "t_write", "t_seg")
+#: the stages a row goes through (each has a wall-seconds, a CPU-seconds and a peak-memory column).
+STAGES = ("read", "preprocess", "infer", "postprocess", "write", "seg")
+#: per-stage timing columns, wall seconds.
+TIMING_COLUMNS = tuple(f"t_{stage}" for stage in STAGES)
+#: per-stage process CPU seconds (all threads of the worker) and peak resident memory of the worker (MB).
+COST_COLUMNS = (*(f"cpu_{stage}" for stage in STAGES), *(f"rss_mb_{stage}" for stage in STAGES))
 #: brain T1 workflow (MRI_BRAIN rows): seconds per step (skull strip .. resample are part of ``t_preprocess``, the
 #: revert of ``t_postprocess``) and the registration quality figures; 0 for other rows.
 BRAIN_TIMING_COLUMNS = ("t_brain_skullstrip", "t_brain_bias_correct", "t_brain_normalize", "t_brain_register",
@@ -30,7 +34,7 @@ DICOM_COLUMNS = ("study_instance_uid", "series_instance_uid", "dicom_modality", 
 #: manifest columns, in order.
 MANIFEST_COLUMNS = (
     "uri", "rel_dir", "status", "error_code", "error_message", "output_uri", "modality", "requested",
-    "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *TIMING_COLUMNS,
+    "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *TIMING_COLUMNS, *COST_COLUMNS,
     *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, *DICOM_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key", "settings_key",
 )
 
@@ -44,7 +48,8 @@ def new_row(uri: str, rel_dir: str = "") -> dict[str, Any]:
         "preprocess_node": "", "model_node": "", "model_actor": "", "postprocess_node": "", "attempts": 0,
         "model_sha256": "", "resume_key": "", "settings_key": "",
     }
-    row.update({name: 0.0 for name in (*TIMING_COLUMNS, *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS)})
+    row.update({name: 0.0 for name in (*TIMING_COLUMNS, *COST_COLUMNS, *BRAIN_TIMING_COLUMNS,
+                                       *BRAIN_QUALITY_COLUMNS)})
     row.update({name: b"" for name in PAYLOAD_COLUMNS})
     row.update({name: "" for name in DICOM_COLUMNS})
     row["n_instances"] = 0

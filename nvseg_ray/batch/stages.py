@@ -23,6 +23,7 @@ from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses
 from ..errors import NvsegError
 from ..boundary import describe_exception
 from ..output import report_uri, write_outputs
+from ..timing import StageTimings
 from ..io import check_regular_file
 from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
 
@@ -55,7 +56,7 @@ def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
     """Read, validate and prepare one volume (CPU). Fills ``model_input``, ``inversion``, ``volume``."""
     if row["status"] == STATUS_FAILED:
         return row
-    timings: dict[str, float] = {}
+    timings = StageTimings()
     try:
         source = pickle.loads(row["series"]) if row["series"] else row["uri"]
         if not row["series"]:
@@ -79,10 +80,13 @@ def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
     return row
 
 
-def _record_timings(row: dict[str, Any], timings: dict[str, float], *stages: str) -> None:
-    """``row["t_<stage>"]`` for ``stages`` (0 when absent) and for the brain steps that ran."""
+def _record_timings(row: dict[str, Any], timings: StageTimings, *stages: str) -> None:
+    """``row["t_<stage>"]`` (wall s), ``row["cpu_<stage>"]`` (CPU s) and ``row["rss_mb_<stage>"]`` (peak MB) for
+    ``stages`` (0 when absent), and the wall seconds of the brain steps that ran."""
     for stage in stages:
         row[f"t_{stage}"] = timings.get(stage, 0.0)
+        row[f"cpu_{stage}"] = timings.cpu_s.get(stage, 0.0)
+        row[f"rss_mb_{stage}"] = timings.peak_rss_mb.get(stage, 0.0)
     for column in BRAIN_TIMING_COLUMNS:
         if column[2:] in timings:  # "t_brain_register" <- timings["brain_register"]
             row[column] = timings[column[2:]]
@@ -117,7 +121,7 @@ class ModelStage:
                             f"(out of memory or a crash); gave up after {self.max_attempts} attempt(s)")
         if self.on_start is not None:
             self.on_start(row)
-        timings: dict[str, float] = {}
+        timings = StageTimings()
         try:
             record = pickle.loads(row["inversion"])
             voxels = pickle.loads(row["model_input"])
@@ -128,7 +132,7 @@ class ModelStage:
         except Exception as exc:
             return _failure(row, exc, "inference")
         finally:
-            row["t_infer"] = timings.get("infer", 0.0)
+            _record_timings(row, timings, "infer")
         return row
 
 
@@ -136,7 +140,7 @@ def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]
     """Invert, cast, count, encode and write one mask + its report (CPU). Empties the payload columns."""
     if row["status"] == STATUS_FAILED:
         return row
-    timings: dict[str, float] = {}
+    timings = StageTimings()
     cfg = segmenter.cfg
     try:
         record = pickle.loads(row["inversion"])
@@ -144,7 +148,10 @@ def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]
         labels = torch.from_numpy(pickle.loads(row["labels"]).astype(np.int64))
         prompts = prompts_of(row, cfg)
         result: SegmentationResult = segmenter.finish(labels, record, volume, prompts, timings)
-        result.timings.update({"read": row["t_read"], "preprocess": row["t_preprocess"], "infer": row["t_infer"]})
+        for stage in ("read", "preprocess", "infer"):  # the earlier stages' figures, for the report
+            result.timings[stage] = row[f"t_{stage}"]
+            result.timings.cpu_s[stage] = row[f"cpu_{stage}"]
+            result.timings.peak_rss_mb[stage] = row[f"rss_mb_{stage}"]
         nifti, _ = cfg.output_formats(dicom=bool(row["series"]),
                                       to_dicomweb=bool(row["seg_uri"]) and is_dicomweb_url(row["seg_uri"]))
         # the report is written last: it marks the outputs finished (resume)

@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
         help="case-insensitive filter: name substring, exact id or training-dataset name (e.g. LUMIR)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list of class objects instead of a table")
+    parser.add_argument("--dicom-codes", action="store_true",
+                        help="with --json: include each class's DICOM SEG coding (SNOMED CT category, type, "
+                        "laterality, colour; docs/dicom-codes.md)")
     parser.add_argument(
         "--catalog",
         metavar="PATH",
@@ -55,7 +58,14 @@ def run(args: argparse.Namespace) -> int:
     search = getattr(args, "search", None)
     selected = select_classes(catalog, modality=modality, search=search)
     if getattr(args, "json", False):
-        print(json.dumps([label.to_dict() for label in selected], indent=2))
+        rows = [label.to_dict() for label in selected]
+        if getattr(args, "dicom_codes", False):
+            from ..labels.codes import segment_coding
+
+            for row in rows:  # any catalog: its own coding, else the packaged class of that name, else generic
+                if row["id"] != 0:
+                    row["dicom"] = segment_coding(catalog, row["id"]).to_dict()
+        print(json.dumps(rows, indent=2))
         return 0
     print(format_table(selected))
     print(count_line(catalog, selected, modality=modality, search=search))

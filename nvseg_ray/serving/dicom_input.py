@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..dicom.series import DicomSeries
-from ..errors import DicomError, InputError
+from ..errors import DicomError, NvsegError
 from ..redaction import redact_uri
 from .fetch import FetchPolicy, check_source
 
@@ -49,14 +49,15 @@ def with_uploaded_series(raw: bytes, name: str, work: Callable[[DicomSeries], T]
         path = os.path.join(folder, "upload.zip")
         with open(path, "wb") as handle:
             handle.write(raw)
-        found = discover_series(path)
-        series = _single(found.series, f"the uploaded zip {name!r}")
-        # the locator names the upload, not the temporary folder
-        shown = DicomSeries(**{**series.__dict__, "source": f"upload:{name}"})
+        shown = f"upload:{name}"
         try:
-            return work(series)
-        except InputError as err:  # messages name the upload, not the temporary path
-            err.message = err.message.replace(series.uri, shown.uri).replace(path, f"upload:{name}")
+            found = discover_series(path)
+            return work(_single(found.series, f"the uploaded zip {name!r}"))
+        except NvsegError as err:  # messages name the upload, never the temporary folder
+            err.message = err.message.replace(path, shown).replace(folder, shown)
+            for key, value in list(err.details.items()):
+                if isinstance(value, str):
+                    err.details[key] = value.replace(path, shown).replace(folder, shown)
             raise
 
 
