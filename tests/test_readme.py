@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -38,6 +39,18 @@ def readme_commands() -> list[str]:
                 for c in runnable_commands(body)]
     # weights downloads first: every other example reads the checkpoints they create
     return sorted(runnable, key=lambda ln: not ln.startswith("scripts/nvseg weights download"))
+
+
+def readme_chain(command: str) -> str:
+    """Which independent chain of the README test runs ``command``: the weights downloads first ("setup"), then
+    the S3 examples, the DICOM and brain examples and the rest in parallel (they write disjoint outputs)."""
+    if command.startswith("scripts/nvseg weights download"):
+        return "setup"
+    if "s3://bucket/ct" in command or "cases.csv" in command:
+        return "s3"
+    if "dicom" in command or "head" in command:
+        return "dicom-brain"
+    return "local"
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +102,8 @@ def test_readme_commands_run(hf_hub, s3_env, tmp_path):
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "RAY_ADDRESS": "local",
                 "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     env.pop("NVSEG_FAULT_INJECT_ACTOR_EXIT", None)
-    for command in readme_commands():
+
+    def run(command: str) -> None:
         argv = shlex.split(command)
         if argv[0] == "scripts/nvseg":
             argv[0] = str(REPO / "scripts" / "nvseg")
@@ -98,6 +112,21 @@ def test_readme_commands_run(hf_hub, s3_env, tmp_path):
         argv += ["--no-progress-bars"] if "batch" in command else []
         done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    def run_all(commands: list[str]) -> None:
+        for command in commands:
+            run(command)
+
+    # The downloads first (every other example reads their checkpoints), then independent chains side by side:
+    # each command keeps its README order within its chain, and no two chains touch the same outputs. A batch
+    # command spends much of its time starting its own local Ray cluster, so this halves the test's wall time.
+    chains: dict[str, list[str]] = {}
+    for command in readme_commands():
+        chains.setdefault(readme_chain(command), []).append(command)
+    run_all(chains.pop("setup"))
+    with ThreadPoolExecutor(len(chains)) as pool:
+        for future in [pool.submit(run_all, commands) for commands in chains.values()]:
+            future.result()
 
     # what the README promises landed where it says
     assert (work / "models" / "model.pt").read_bytes() == hf_hub.files["vista3d_pretrained_model/model.pt"].content
