@@ -8,11 +8,13 @@ averages windows, and averaging commutes with the dot product:
 
     mean_w(e_c . P_w(x)) = e_c . mean_w(P_w(x))
 
-So we stitch the 48-channel feature map once (MONAI's ``sliding_window_inference``, same windows,
-overlap, replicate padding and constant blending as upstream), then evaluate the logits of
-``class_chunk_size`` classes at a time, keeping a running maximum and argmax per voxel. The result is
-the upstream mask (up to float rounding at exact ties), and the result is identical for every chunk
-size. Peak memory is ``(48 + class_chunk_size) x voxels x 4 bytes`` instead of ``n_classes x voxels x 4``.
+So we stitch the 48-channel feature map (same windows, overlap, replicate padding and constant blending as
+upstream's MONAI ``sliding_window_inference``), then evaluate the logits of ``class_chunk_size`` classes at a
+time, keeping a running maximum and argmax per voxel. The result is the upstream mask (up to float rounding at
+exact ties), and the result is identical for every chunk size. The stitching runs slab by slab along the last
+axis (:mod:`nvseg_ray.slab_stitching`), so only a slab of the feature map is ever held: peak memory is a function
+of the window, the overlap, the class chunk and the in-plane size, not of the scan's length. (MONAI's whole-grid
+stitching, :func:`stitched_features`, remains for training-time evaluation, and as the tests' reference.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .config import InferenceConfig
+from .slab_stitching import stitch_in_slabs
 
 #: ``() -> bool``, polled before every window: True stops the work with :class:`StopRequested`.
 ShouldStop = Callable[[], bool]
@@ -201,7 +204,8 @@ def argmax_over_classes(features: torch.Tensor, embeddings: torch.Tensor, class_
 @torch.inference_mode()
 def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Sequence[int], cfg: InferenceConfig,
                     device: torch.device, should_stop: ShouldStop | None = None) -> torch.Tensor:
-    """Automatic (class-prompt) segmentation on the model grid.
+    """Automatic (class-prompt) segmentation on the model grid, stitched slab by slab
+    (:mod:`nvseg_ray.slab_stitching`: memory bounded by the window and the in-plane size, not the scan length).
 
     Args:
         network: a VISTA3D network already on ``device``.
@@ -212,9 +216,14 @@ def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Se
     Returns:
         [H, W, D] int64 label map (global ids) on ``device``.
     """
-    features = stitched_features(network, image, cfg, device, should_stop)
     embeddings = class_embeddings(network, class_ids, device)
-    return argmax_over_classes(features, embeddings, class_ids, cfg.class_chunk_size)
+
+    def finish(features: torch.Tensor) -> torch.Tensor:  # [F, H, W, n] final features -> [H, W, n] labels
+        return argmax_over_classes(features, embeddings, class_ids, cfg.class_chunk_size)
+
+    with _autocast(device, cfg.amp):
+        return stitch_in_slabs(image, AutoFeatures(network, should_stop), finish, cfg.patch_size, cfg.overlap,
+                               cfg.sw_batch_size, device)
 
 
 @torch.inference_mode()
