@@ -4,21 +4,25 @@ MONAI's ``sliding_window_inference`` (what upstream runs) keeps one accumulator 
 for VISTA3D's 48-channel feature map that is ``48 x H x W x D x 4`` bytes, about 12 GB for a 0.5 mm whole-body
 CT. Here the same windows (MONAI's own :func:`monai.data.utils.dense_patch_slices`, same scan interval, same
 replicate padding of a grid smaller than the window, same constant blending) run in order of their start along
-the last axis ``D`` (superior for the RAS model grid, the scan's length). Once every window that starts at or
-before ``s`` has run, the voxels before the next start ``s'`` are final: no later window touches them. They
-are divided by their window count, turned into labels (:func:`~nvseg_ray.inference.argmax_over_classes`,
-``class_chunk_size`` classes at a time) and freed. Only ``[F, H, W, <= roi_D + step_D]`` features are ever held.
+the last axis ``D`` (superior for the RAS model grid, the scan's length). The last axis is cut at every window
+start and end; a window adds its output into the segments it spans. Once every window that starts at or before
+``s`` has run, the segments that end before the next start ``s'`` are final: no later window touches them. Each
+is divided by its window count, turned into labels (:func:`~nvseg_ray.inference.argmax_over_classes`,
+``class_chunk_size`` classes at a time) and freed, so only one window length of features is ever held.
 
-Peak memory of the stitching, float32, for a model grid of ``H x W`` in plane (padded to the window when
-smaller), window ``(rH, rW, rD)``, step ``sD = max(int(rD * (1 - overlap)), 1)``, ``F`` = 48 feature channels,
-``c`` = ``class_chunk_size``::
+Peak memory of the stitching, for a model grid of ``H x W`` in plane (each padded to the window when smaller),
+window ``(rH, rW, rD)``, step ``sD = max(int(rD * (1 - overlap)), 1)`` (no segment is longer, except the single
+segment of a grid one window long), ``F`` = 48 feature channels and ``c`` = ``class_chunk_size``::
 
-    4 bytes x H x W x [ F x (rD + sD)        # the open slab, while it is extended by the next window start
-                        + (c + 2) x sD ]     # logits of one class chunk and the running max over a final part
-    + 8 bytes x H x W x D                    # the int64 label map handed on (1 value per voxel, not F)
+    4 bytes x [ F x H x W x rD                     # the open segments: one window length of running sums
+                + F x rH x rW x rD x sw_batch_size  # the predictor's output for one batch of windows
+                + (c + 6) x H x W x sD ]            # labelling a final segment: a class chunk's logits, max/argmax
+    + 8 bytes x H x W x D                           # the int64 label map handed on (one value per voxel, not F)
 
-so for 192 x 192 x 128 windows at overlap 0.25 (``sD = 96``) and an in-plane model grid of 330 x 330 it is
-about 5.1 GB + 0.9 MB per model-grid slice, against 21 MB per slice for a whole-grid feature map.
+For 192 x 192 x 128 windows at overlap 0.25, one window per call, on a 256 x 256 in-plane grid that is about
+2.9 GiB + 0.5 MB per model-grid slice, where the whole-grid feature map (MONAI's stitching, used before) costs
+12.6 MB per slice and upstream's 117-channel logits 30.7 MB per slice. ``benchmarks/bench_stitch_memory.py``
+measures it.
 
 Per voxel the window outputs are summed in another order than MONAI's (by start along ``D`` first, MONAI by
 start along ``H`` first), which only matters for voxels covered by three or more windows, in the last bit of a
@@ -73,7 +77,12 @@ def _axis_counts(size: int, roi: int, starts: Sequence[int], device: torch.devic
 
 def stitch_in_slabs(image: torch.Tensor, predictor: Predictor, finish: Finisher, roi_size: Sequence[int],
                     overlap: float, sw_batch_size: int, device: torch.device) -> torch.Tensor:
-    """Sliding-window ``predictor`` over ``image`` and ``finish`` each slab of the blended output once it is final.
+    """Sliding-window ``predictor`` over ``image`` and ``finish`` each part of the blended output once it is final.
+
+    The last axis is cut at every window start and end into segments; a window adds its output into the
+    segments it spans, and a segment is finished (divided by its window count, labelled, freed) as soon as the
+    next window starts after it. Nothing is ever copied or concatenated: at most one window length of segments
+    is open, and one segment is finished at a time.
 
     Args:
         image: [1, C, H, W, D] float32 model-grid volume (any device; windows are moved to ``device``).
@@ -82,54 +91,50 @@ def stitch_in_slabs(image: torch.Tensor, predictor: Predictor, finish: Finisher,
         roi_size: the window (rH, rW, rD) in model-grid voxels.
         overlap: MONAI's overlap fraction (same for every axis).
         sw_batch_size: windows per predictor call (grouped within one start along ``D``).
-        device: where windows run and the open slab is accumulated.
+        device: where windows run and the open segments are accumulated.
 
     Returns:
         [H, W, D] int64 labels on ``device`` (the grid of ``image``, padding removed).
     """
+    from monai.data.utils import dense_patch_slices
+
     padded, keep = replicate_pad(image, roi_size)
     size = tuple(padded.shape[2:])
     roi = tuple(int(r) for r in roi_size)
-    steps = scan_interval(size, roi, overlap)
-    from monai.data.utils import dense_patch_slices
-
-    windows = dense_patch_slices(size, roi, steps)  # MONAI's windows, in MONAI's order (H outermost)
+    windows = dense_patch_slices(size, roi, scan_interval(size, roi, overlap))  # MONAI's windows and order
     starts = [sorted({w[axis].start for w in windows}) for axis in range(3)]
     counts_hw = (_axis_counts(size[0], roi[0], starts[0], device)[:, None]
-                 * _axis_counts(size[1], roi[1], starts[1], device)[None, :])  # [H, W]
+                 * _axis_counts(size[1], roi[1], starts[1], device)[None, :])[:, :, None]  # [H, W, 1]
     counts_d = _axis_counts(size[2], roi[2], starts[2], device)  # [D]
+    cuts = sorted({0, size[2], *starts[2], *(s + roi[2] for s in starts[2])})
     labels = torch.zeros(size, dtype=torch.int64, device=device)
+    open_segments: dict[int, torch.Tensor] = {}  # segment start along D -> [F, H, W, length] running sums
+    ends = dict(zip(cuts[:-1], cuts[1:]))
 
-    slab: torch.Tensor | None = None  # [F, H, W, n]: accumulated outputs of voxels lo .. lo + n along D
-    lo = 0
-
-    def finalize(upto: int) -> None:  # voxels lo .. upto are final: blend, label, drop them
-        nonlocal slab, lo
-        if slab is None or upto <= lo:
-            return
-        n = upto - lo
-        done = slab[..., :n] / (counts_hw[:, :, None] * counts_d[lo:upto])
-        labels[..., lo:upto] = finish(done)
-        del done
-        slab = slab[..., n:].clone() if slab.shape[-1] > n else None  # clone: free the finished voxels
-        lo = upto
+    def finalize(before: int) -> None:  # every open segment that ends at or before ``before`` is final
+        for lo in sorted(k for k in open_segments if ends[k] <= before):
+            done = open_segments.pop(lo)
+            hi = ends[lo]
+            done /= counts_hw * counts_d[lo:hi]  # in place: MONAI's sum / count, then this segment is labelled
+            # the whole segment at once: a view of it along D would be copied by the matrix product's reshape
+            labels[..., lo:hi] = finish(done)
+            del done
 
     for d_start in starts[2]:
-        finalize(d_start)  # windows start here or later: everything before d_start is final
+        finalize(d_start)  # every later window starts here or after: what ends before d_start is final
         group = [w for w in windows if w[2].start == d_start]  # MONAI's order within one D start
-        end = d_start + roi[2]
+        spans = [lo for lo in cuts[:-1] if d_start <= lo < d_start + roi[2]]
         for first in range(0, len(group), sw_batch_size):
             batch = group[first : first + sw_batch_size]
             x = torch.cat([padded[(slice(0, 1), slice(None), *w)] for w in batch]).to(device)
             out = predictor(x)  # [b, F, rH, rW, rD]
-            if slab is None:
-                slab = torch.zeros((out.shape[1], *size[:2], end - lo), dtype=torch.float32, device=device)
-            elif slab.shape[-1] < end - lo:  # this start reaches past the open slab: extend it
-                grow = torch.zeros((*slab.shape[:3], end - lo - slab.shape[-1]), dtype=slab.dtype, device=device)
-                slab = torch.cat([slab, grow], dim=-1)
-                del grow
+            for lo in spans:
+                if lo not in open_segments:
+                    open_segments[lo] = torch.zeros((out.shape[1], *size[:2], ends[lo] - lo), dtype=torch.float32,
+                                                    device=device)
             for p, w in zip(out, batch):
-                slab[:, w[0], w[1], d_start - lo : end - lo] += p.float()
+                for lo in spans:
+                    open_segments[lo][:, w[0], w[1], :] += p[..., lo - d_start : ends[lo] - d_start].float()
             del out, x
     finalize(size[2])
     return labels[keep[0], keep[1], keep[2]]
