@@ -23,10 +23,9 @@ from .labels import LabelCatalog
 from .model import LoadedModel, checkpoint_label_info, load_model
 from .postprocess import cast_labels, invert_labels, label_statistics
 from .preprocess import PreparedVolume, build_preprocessing, prepare
-from .timing import StageTimings, timed
+from .timing import STAGES, StageTimings, timed
 from .validation import ValidatedVolume, VolumeLimits, check_model_input, read_and_validate, validate_nifti
 
-STAGES = ("read", "preprocess", "infer", "postprocess", "write", "seg")
 
 
 @dataclass

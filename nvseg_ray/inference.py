@@ -27,7 +27,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .config import InferenceConfig
-from .slab_stitching import stitch_in_slabs
+from .slab_stitching import scan_interval, stitch_in_slabs
 
 #: ``() -> bool``, polled before every window: True stops the work with :class:`StopRequested`.
 ShouldStop = Callable[[], bool]
@@ -74,13 +74,10 @@ MAX_SLIDING_WINDOWS = 10_000
 
 def sliding_window_count(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
     """Windows MONAI's ``sliding_window_inference`` runs over a ``shape`` model grid (same step rule)."""
+    padded = [max(int(size), int(roi)) for size, roi in zip(shape, patch)]  # smaller grids are padded up
     count = 1
-    for size, roi in zip(shape, patch):
-        size = max(int(size), int(roi))  # smaller images are padded up to the patch
-        if size == roi:
-            continue
-        step = max(int(roi * (1 - overlap)), 1)
-        count *= math.ceil((size - roi) / step) + 1
+    for size, roi, step in zip(padded, patch, scan_interval(padded, patch, overlap)):
+        count *= math.ceil((size - int(roi)) / step) + 1
     return count
 
 

@@ -18,7 +18,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["StageTimings", "peak_rss_mb", "timed"]
+__all__ = ["STAGES", "StageTimings", "peak_rss_mb", "timed"]
+
+#: The stages every volume goes through, in order (reports, CLI summaries and the batch manifest's columns).
+STAGES = ("read", "preprocess", "infer", "postprocess", "write", "seg")
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
@@ -46,14 +49,13 @@ def _rebuild(wall: dict, cpu: dict, peak: dict) -> StageTimings:
     return out
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's resident-memory high-water mark of this process (Linux >= 4.0); False when not possible."""
+def _reset_peak() -> None:
+    """Reset the kernel's resident-memory high-water mark of this process (Linux >= 4.0; elsewhere a no-op)."""
     try:
         with open(_CLEAR_REFS, "w") as handle:
             handle.write("5")
-        return True
     except OSError:
-        return False
+        pass
 
 
 def peak_rss_mb() -> float:

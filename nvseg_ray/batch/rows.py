@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..timing import STAGES
+
 STATUS_PENDING = "pending"
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
 STATUS_FAILED = "failed"
 
-#: the stages a row goes through (each has a wall-seconds, a CPU-seconds and a peak-memory column).
-STAGES = ("read", "preprocess", "infer", "postprocess", "write", "seg")
+# every stage of :data:`~nvseg_ray.timing.STAGES` has a wall-seconds, a CPU-seconds and a peak-memory column
 #: per-stage timing columns, wall seconds.
 TIMING_COLUMNS = tuple(f"t_{stage}" for stage in STAGES)
 #: per-stage process CPU seconds (all threads of the worker) and peak resident memory of the worker (MB).
