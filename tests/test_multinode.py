@@ -59,7 +59,10 @@ def _env() -> dict[str, str]:
                 # notice a dead node within a few seconds instead of ~30 s (GCS health checks of raylets)
                 "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
                 "RAY_health_check_failure_threshold": "3",
-                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # teardown: stop nodes at once, no 30 s drain
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # teardown: stop nodes at once, no 30 s drain
+                # a worker node's raylet registers within Ray's default 10 s on an idle machine, but not always on
+                # 2 cores busy with the rest of the suite ("The current node timed out during startup")
+                "RAY_raylet_start_wait_time_s": "60"})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python`
     return env
 
