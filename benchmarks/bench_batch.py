@@ -4,7 +4,7 @@
 In ONE run, on the same generated volumes and the same weights:
 
 (a) **sequential**: one process, one model loaded before the clock starts; for each volume
-    read -> preprocess -> infer -> postprocess -> write (``Segmenter`` + ``output.write_result``).
+    read -> preprocess -> infer -> postprocess -> write (``engine.segment_volume`` + ``output.write_result``).
 (b) **ray**: ``nvseg_ray.batch.run_batch`` on a local Ray started by this script (CPU read/preprocess tasks ->
     one model actor -> CPU postprocess/write tasks). Wall time excludes ``ray.init`` but includes the actor's
     start-up (worker process, imports, weights) and the manifest.
@@ -420,13 +420,18 @@ def run_sequential(paths: Sequence[Path], out_dir: Path, settings: dict[str, Any
                    sampler: TreeMemorySampler, args: argparse.Namespace) -> dict[str, Any]:
     """(a) One process, one model loaded before the clock starts; every stage of every volume in turn."""
     from nvseg_ray.config import InferenceConfig
-    from nvseg_ray.engine import STAGES, Segmenter
+    from nvseg_ray.engine import segment_volume
+    from nvseg_ray.model_runner import ModelRunner
     from nvseg_ray.output import mask_uri, write_result
+    from nvseg_ray.prompts import resolve_prompts
+    from nvseg_ray.stages import VolumeStages
+    from nvseg_ray.timing import STAGES
 
     cfg = InferenceConfig(**settings)
     t0 = time.perf_counter()
-    seg = Segmenter(cfg)
-    model = seg.model  # loaded (and on the device) before timing, like the bundle's one-time network load
+    stages, runner = VolumeStages(cfg), ModelRunner(cfg)
+    prompts = resolve_prompts(cfg, stages.catalog)
+    model = runner.model  # loaded (and on the device) before timing, like the bundle's one-time network load
     load_s = time.perf_counter() - t0
     default_threads = torch.get_num_threads()
     calibration: dict[int, float] = {}
@@ -436,7 +441,7 @@ def run_sequential(paths: Sequence[Path], out_dir: Path, settings: dict[str, Any
         for n_threads in sorted({1, default_threads}):
             torch.set_num_threads(n_threads)
             t0 = time.perf_counter()
-            seg.segment(str(paths[0]))
+            segment_volume(str(paths[0]), stages, runner, prompts)
             calibration[n_threads] = time.perf_counter() - t0
         threads = min(calibration, key=calibration.get)
         log(args, "  torch threads (untimed trial on the first volume): " + ", ".join(
@@ -448,7 +453,7 @@ def run_sequential(paths: Sequence[Path], out_dir: Path, settings: dict[str, Any
     cpu0 = os.times()
     start = time.perf_counter()
     for i, path in enumerate(paths):
-        result = seg.segment(str(path))
+        result = segment_volume(str(path), stages, runner, prompts)
         out = mask_uri(str(path), str(out_dir), cfg)
         write_result(result, input_uri=str(path), output_uri=out, cfg=cfg, model_uri=model.uri,
                      model_sha256=model.sha256)
@@ -463,7 +468,7 @@ def run_sequential(paths: Sequence[Path], out_dir: Path, settings: dict[str, Any
     cpu1 = os.times()
     mem = sampler.end()
     torch.set_num_threads(default_threads)
-    del seg, model
+    del stages, runner, model
     settle()
     steady = {**steady_state(finish, infer), "method": "first to last finished volume (report mtimes)"}
     return {"mode": "sequential", "volumes": len(paths), "ok": len(paths), "wall_s": wall,

@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from nvseg_ray.brain.registration import map_points
     from nvseg_ray.brain.template import load_template
     from nvseg_ray.config import InferenceConfig
-    from nvseg_ray.engine import Segmenter
+    from nvseg_ray.model_runner import ModelRunner
     from nvseg_ray.output import write_result
+    from nvseg_ray.prompts import resolve_prompts
+    from nvseg_ray.stages import VolumeStages
 
     args = parse_args(argv)
     template = load_template(args.brain_template, args.brain_template_mask)
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = InferenceConfig(checkpoint=checkpoint, modality="MRI_BRAIN", classes=args.classes or None,
                               device=args.device, patch_size=args.patch_size,
                               brain={"template": args.brain_template, "template_mask": args.brain_template_mask})
-        segmenter = Segmenter(cfg)
+        stages, runner = VolumeStages(cfg), ModelRunner(cfg)  # the weights load on the first infer
+        prompts = resolve_prompts(cfg, stages.catalog)
         for i in range(args.n):
             rot, shift, scale, spacing, grid_rot = HEADS[i % len(HEADS)]
             truth = rigid_scale_matrix(rot, shift, scale, centre)
@@ -83,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             path = work / f"head_{i}.nii.gz"
             nib.save(nib.Nifti1Image(head.array, head.affine), path)
             t: dict[str, float] = {}
-            volume = segmenter.read(str(path), t)
-            prepared = segmenter.prepare(volume, t)
+            volume = stages.read(str(path), t)
+            prepared = stages.prepare(volume, t)
             t["model_prep"] = t["preprocess"] - sum(t[s] for s in BRAIN_STEPS if s in t)
             residual = np.linalg.norm(map_points(np.asarray(prepared.brain.template_to_input), corners)
                                       - map_points(truth, corners), axis=1).max()
@@ -93,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                    "brain_ml": prepared.brain.brain_ml, "true_brain_ml": round(float(
                        head.brain_mask.sum() * abs(np.linalg.det(head.affine[:3, :3])) / 1000), 1)}
             if not args.skip_infer:
-                labels = segmenter.infer(prepared, None, t)
-                result = segmenter.finish(labels, prepared, volume, None, t)
+                labels = runner.infer(prepared, prompts, t)
+                result = stages.finish(labels, prepared, volume, prompts, t)
                 t["invert"] = t["postprocess"] - t.get("brain_revert", 0.0)
                 write_result(result, input_uri=str(path), output_uri=str(work / f"head_{i}_trans.nii.gz"), cfg=cfg,
                              model_uri=checkpoint, model_sha256=None)

@@ -3,9 +3,10 @@
 
 In ONE run, on the same generated volume, the same weights and the same settings:
 
-* **direct**: one loaded :class:`nvseg_ray.engine.Segmenter` in this process; a request is
-  ``segmenter.segment(path)`` on the local file (read, preprocess, infer, postprocess; no output encoding).
-  At concurrency C, C worker threads call ``segment`` on the same ``Segmenter`` at once (C=1: one worker
+* **direct**: one loaded :class:`nvseg_ray.model_runner.ModelRunner` in this process; a request is
+  ``engine.segment_volume(path, stages, runner, prompts)`` on the local file (read, preprocess, infer,
+  postprocess; no output encoding). At concurrency C, C worker threads call it with the same
+  :class:`~nvseg_ray.stages.VolumeStages` and ``ModelRunner`` at once (C=1: one worker
   thread, like the model replica's ``asyncio.to_thread``). Both sides use ``--torch-threads`` intra-op
   threads per call (default 1, what Ray gives a 1-CPU replica).
 * **http**: ``POST /v1/vista3d/inference`` with ``{"image": <URL>, "prompts": {"classes": [...]},
@@ -67,7 +68,7 @@ TARGET_OVERHEAD_PCT = 15.0
 DESCRIPTION = """\
 HTTP service latency benchmark: p50/p95 latency and throughput of the Ray Serve app
 (POST /v1/vista3d/inference with the image fetched over HTTP, and POST /v1/segment uploads; nifti output)
-against the same work done in-process by one loaded Segmenter, at several client concurrencies, plus the
+against the same work done in-process by one loaded model, at several client concurrencies, plus the
 p50 overhead of HTTP over direct at C=1 (target: <= 15 % for a 64^3 volume) and where that overhead goes.
 
 By default a synthetic CT (64^3 voxels at 1.5 mm, so the model grid is at most 64^3) and a tiny randomly
@@ -402,8 +403,10 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
     import torch
 
     from nvseg_ray.synthetic import write_torso_ct
-    from nvseg_ray.engine import Segmenter
+    from nvseg_ray.engine import segment_volume
+    from nvseg_ray.model_runner import ModelRunner
     from nvseg_ray.serving.service import RequestProcessor, ServeSettings
+    from nvseg_ray.stages import VolumeStages
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -431,23 +434,27 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
     processor = RequestProcessor(settings)
     cfg, prompts = processor.config_for(fields)
 
-    # -- direct: one loaded Segmenter in this process -------------------------------------------------
-    segmenter = Segmenter(cfg, catalog=processor.catalog)
+    # -- direct: one loaded model in this process ----------------------------------------------------
+    stages, runner = VolumeStages(cfg, catalog=processor.catalog), ModelRunner(cfg)
+
+    def segment() -> Any:
+        return segment_volume(str(path), stages, runner, prompts)
+
     t0 = time.perf_counter()
-    segmenter.model  # noqa: B018 - load before any clock
+    runner.model  # noqa: B018 - load before any clock
     load_s = time.perf_counter() - t0
-    direct_result = segmenter.segment(str(path))  # first call: also a warm-up
+    direct_result = segment()  # first call: also a warm-up
     for _ in range(max(args.warmup - 1, 0)):
-        segmenter.segment(str(path))
+        segment()
     prepared = processor.prepare(file_bytes, path.name, cfg, prompts)
     model_grid = list(prepared.prepared.image.shape[1:])
     in_shape = list(direct_result.volume.image.shape[:3])
-    n_params = sum(p.numel() for p in segmenter.model.network.parameters())
+    n_params = sum(p.numel() for p in runner.model.network.parameters())
     log(args, f"input: {path.name} {in_shape} @ {args.spacing if synthetic_input else 'given'} mm, "
                f"{len(file_bytes) / 1024:.0f} kB; model grid {model_grid}; patch {list(cfg.patch_size)}")
     log(args, f"model: {'tiny generated' if not args.checkpoint else ckpt}, "
                f"{n_params / 1e6:.1f} M parameters (loaded in {load_s:.1f} s); {len(prompts.class_ids)} classes; "
-               f"device {segmenter.device}; {torch.get_num_threads()} torch threads")
+               f"device {runner.device}; {torch.get_num_threads()} torch threads")
     if load_start > 0.5 * (os.cpu_count() or 1):
         log(args, f"note: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete, "
                    "latencies will be noisy (C=1 is interleaved request by request to share the noise)")
@@ -480,7 +487,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
             startup_s = time.perf_counter() - t0
             log(args, f"Ray ({args.ray_cpus} logical CPUs) + Serve app ready in {startup_s:.1f} s at {url}; "
                        f"image served from {files_url}/{path.name}")
-            report = _measure(args, url, f"{files_url}/{path.name}", path, file_bytes, segmenter, processor,
+            report = _measure(args, url, f"{files_url}/{path.name}", path, file_bytes, segment, processor,
                               settings, cfg, prompts, fields, prepared, direct_result, options)
             report["input"] = {"synthetic": synthetic_input, "path_name": path.name, "shape": in_shape,
                                "spacing_mm": args.spacing if synthetic_input else None, "bytes": len(file_bytes),
@@ -505,17 +512,18 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
     return report
 
 
-def _measure(args: argparse.Namespace, url: str, image_url: str, path: Path, file_bytes: bytes, segmenter: Any,
+def _measure(args: argparse.Namespace, url: str, image_url: str, path: Path, file_bytes: bytes,
+             segment: Callable[[], Any],
              processor: Any, settings: Any, cfg: Any, prompts: Any, fields: dict[str, Any], prepared: Any,
              direct_result: Any, options: dict[str, Any]) -> dict[str, Any]:
     import httpx
     import nibabel as nib
     from ray import serve
 
-    from nvseg_ray.engine import Segmenter
     from nvseg_ray.output import mask_image
     from nvseg_ray.serving.encode import nifti_gz
     from nvseg_ray.serving.fetch import fetch_image
+    from nvseg_ray.stages import VolumeStages
 
     max_c = max(args.concurrency)
     client = httpx.Client(timeout=httpx.Timeout(900.0, connect=30.0),
@@ -531,7 +539,7 @@ def _measure(args: argparse.Namespace, url: str, image_url: str, path: Path, fil
         return resp
 
     def direct() -> Any:
-        return segmenter.segment(str(path))
+        return segment()
 
     def http() -> httpx.Response:
         return check(client.post(f"{url}/v1/vista3d/inference", json=body))
@@ -603,9 +611,9 @@ def _measure(args: argparse.Namespace, url: str, image_url: str, path: Path, fil
         breakdown = None
         if args.breakdown > 0:
             log(args, "overhead breakdown ...")
-            breakdown = _breakdown(args.breakdown, image_url, settings, segmenter, processor, cfg, prompts, fields,
+            breakdown = _breakdown(args.breakdown, image_url, settings, processor, cfg, prompts, fields,
                                    prepared, direct_result, http_json, live, d1, h1, response_bytes, direct_c1,
-                                   fetch_image, nifti_gz, mask_image, Segmenter, serve)
+                                   fetch_image, nifti_gz, mask_image, VolumeStages, serve)
     finally:
         client.close()
         direct_thread.shutdown()
@@ -617,15 +625,15 @@ def _measure(args: argparse.Namespace, url: str, image_url: str, path: Path, fil
                          "classes": classes, "class_ids": list(prompts.class_ids),
                          "patch_size": list(cfg.patch_size), "device": args.device,
                          "torch_threads": args.torch_threads,
-                         "direct_concurrency": "C threads calling segment() on one shared Segmenter "
+                         "direct_concurrency": "C threads calling segment() on one shared ModelRunner "
                                                "(C=1: sequential, interleaved with the HTTP requests)"}}
 
 
-def _breakdown(k: int, image_url: str, settings: Any, segmenter: Any, processor: Any, cfg: Any, prompts: Any,
+def _breakdown(k: int, image_url: str, settings: Any, processor: Any, cfg: Any, prompts: Any,
                fields: dict[str, Any], prepared: Any, direct_result: Any, http_json: Callable[[], Any],
                live: Callable[[], Any], d1: dict[str, Any], h1: dict[str, Any], response_bytes: int,
                direct: Callable[[], Any],
-               fetch_image: Any, nifti_gz: Any, mask_image: Any, segmenter_cls: Any, serve: Any) -> dict[str, Any]:
+               fetch_image: Any, nifti_gz: Any, mask_image: Any, stages_cls: Any, serve: Any) -> dict[str, Any]:
     """Per-component medians at C=1: the service's own stage timings (``output=json`` answers), the same
     stages in-process, and the service-only steps timed in this process (fetch, encode, per-request setup)
     or through a handle to the model replica (the Gateway -> Model call without the HTTP front)."""
@@ -648,8 +656,8 @@ def _breakdown(k: int, image_url: str, settings: Any, segmenter: Any, processor:
     policy = settings.fetch_policy()
     fetch_s = _time_samples(lambda: fetch_image(image_url, policy, settings.storage_options), k)
     setup_s = _time_samples(lambda: (processor.config_for(fields), processor.config_for(fields),
-                                     segmenter_cls(cfg, catalog=processor.catalog),
-                                     segmenter_cls(cfg, catalog=processor.catalog)), k)
+                                     stages_cls(cfg, catalog=processor.catalog),
+                                     stages_cls(cfg, catalog=processor.catalog)), k)
     encode_s = _time_samples(lambda: nifti_gz(mask_image(direct_result)), k)
     handle = serve.get_deployment_handle("Model", app_name=APP_NAME)
     handle_extra: list[float] = []
@@ -680,7 +688,7 @@ def _breakdown(k: int, image_url: str, settings: Any, segmenter: Any, processor:
     comps += [
         {"component": "Gateway -> Model call (serialise, route, return)", "direct_ms": 0.0,
          "service_ms": med_ms(handle_extra), "how": "handle.infer.remote() round trip minus its infer_s, from here"},
-        {"component": "per-request setup (2x config_for, 2x Segmenter)", "direct_ms": 0.0,
+        {"component": "per-request setup (2x config_for, 2x VolumeStages)", "direct_ms": 0.0,
          "service_ms": med_ms(setup_s), "how": "timed in this process"},
         {"component": "encode nifti (uint16, gzip 1)", "direct_ms": 0.0, "service_ms": med_ms(encode_s),
          "how": "nifti_gz(mask_image()) in this process"},

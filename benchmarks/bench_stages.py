@@ -257,21 +257,23 @@ def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> in
 
 def run_ours(path: str, out_dir: str, cfg: Any, model: Any, rec: Recorder) -> dict[str, Any]:
     """Engine stages; returns the label map, output path and facts about the model grid."""
-    from nvseg_ray.engine import Segmenter
+    from nvseg_ray.model_runner import ModelRunner
     from nvseg_ray.output import mask_uri, write_result
+    from nvseg_ray.prompts import resolve_prompts
+    from nvseg_ray.stages import VolumeStages
 
-    seg = Segmenter(cfg, model=model)
-    prompts = seg.prompts
-    _ = seg.model  # on the device before the clock starts (as in the Ray actor)
+    stages, runner = VolumeStages(cfg), ModelRunner(cfg, model=model)
+    prompts = resolve_prompts(cfg, stages.catalog)
+    _ = runner.model  # on the device before the clock starts (as in the Ray actor)
     with rec.stage("read"):
-        volume = seg.read(path)
+        volume = stages.read(path)
     with rec.stage("preprocess"):
-        prepared = seg.prepare(volume)
+        prepared = stages.prepare(volume)
     model_shape = prepared.model_shape
     with rec.stage("infer"):
-        labels = seg.infer(prepared, prompts)
+        labels = runner.infer(prepared, prompts)
     with rec.stage("postprocess"):
-        result = seg.finish(labels, prepared, volume, prompts)
+        result = stages.finish(labels, prepared, volume, prompts)
     del labels, prepared, volume
     out = mask_uri(path, out_dir, cfg)
     with rec.stage("write"):

@@ -183,7 +183,7 @@ class ModelDeployment:
         return self.worker.info()
 
     def check_health(self) -> None:
-        self.worker.segmenter.model  # raises if the weights are gone
+        self.worker.runner.model  # raises if the weights are gone
 
 
 # JobStore: exactly one replica (the job table is in its memory, shared by every Gateway replica); its calls are

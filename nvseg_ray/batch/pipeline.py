@@ -31,11 +31,11 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from ..config import InferenceConfig
-from ..engine import Segmenter
 from ..errors import EXIT_VOLUMES_FAILED, ConfigError, ModelActorsUnavailable
 from ..labels import LabelCatalog
 from ..raytools import CODE_PIPELINE_ERROR, ensure_ray, forwarded_env, runtime_env, stopped_message
 from ..redaction import redact_text
+from ..stages import VolumeStages
 from .admission import IN_FLIGHT_PER_ACTOR, InFlightWindow, default_in_flight
 from .config import BatchConfig
 from .inputs import discover
@@ -73,9 +73,9 @@ class BatchResult:
 
 
 @lru_cache(maxsize=4)
-def _segmenter(cfg_json: str) -> Segmenter:
-    """One Segmenter (catalog + transforms, no model) per worker process and config."""
-    return Segmenter(InferenceConfig.model_validate_json(cfg_json))
+def _stages(cfg_json: str) -> VolumeStages:
+    """One :class:`VolumeStages` (catalog + transforms, no model) per worker process and config."""
+    return VolumeStages(InferenceConfig.model_validate_json(cfg_json))
 
 
 def _node_id() -> str:
@@ -94,13 +94,13 @@ def _maybe_raise(stage: str, row: dict[str, Any]) -> None:
 
 def _preprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
     _maybe_raise("preprocess", row)
-    row = preprocess_row(dict(row), _segmenter(cfg_json))
+    row = preprocess_row(dict(row), _stages(cfg_json))
     row["preprocess_node"] = _node_id()
     return row
 
 
 def _postprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
-    row = postprocess_row(dict(row), _segmenter(cfg_json))
+    row = postprocess_row(dict(row), _stages(cfg_json))
     row["postprocess_node"] = _node_id()
     _maybe_raise("postprocess", row)
     return row

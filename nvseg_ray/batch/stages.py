@@ -1,7 +1,11 @@
 """The batch pipeline's stages as plain functions over rows (no Ray here; see :mod:`.pipeline`).
 
 ``preprocess_row`` (CPU): refuse non-regular local files, read + validate + prepare -> ``model_input`` voxels and the small inversion record.
-``ModelStage.run`` (GPU/CPU actor): sliding-window inference -> ``labels`` on the model grid.
+``ModelStage.run`` (GPU/CPU actor): sliding-window inference -> ``labels`` on the model grid (the runner's compact
+integer array, as it is).
+
+The CPU stages take a :class:`~nvseg_ray.stages.VolumeStages` (no model); only :class:`ModelStage` holds a
+:class:`~nvseg_ray.model_runner.ModelRunner`.
 ``postprocess_row`` (CPU): invert to the input grid, cast, statistics, encode, write mask + report.
 
 Every stage catches errors per row and turns them into a ``failed`` row with the error code, so a bad
@@ -15,16 +19,17 @@ import pickle
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..config import InferenceConfig
 from ..dicom.dicomweb import is_dicomweb_url
-from ..engine import Prompts, SegmentationResult, Segmenter, expands_subclasses
 from ..errors import NvsegError
 from ..boundary import describe_exception
 from ..output import report_uri, write_outputs
 from ..timing import StageTimings
 from ..io import check_regular_file
+from ..model_runner import ModelRunner
+from ..prompts import Prompts, expands_subclasses
+from ..stages import SegmentationResult, VolumeStages
 from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
 
 CODE_INTERNAL = "internal_error"
@@ -52,7 +57,7 @@ def without_voxels(volume: Any) -> Any:
     return dataclasses.replace(volume, image=header_only, array=np.empty((0, 0, 0), np.float32))
 
 
-def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
+def preprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]:
     """Read, validate and prepare one volume (CPU). Fills ``model_input``, ``inversion``, ``volume``."""
     if row["status"] == STATUS_FAILED:
         return row
@@ -61,8 +66,8 @@ def preprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
         source = pickle.loads(row["series"]) if row["series"] else row["uri"]
         if not row["series"]:
             check_regular_file(row["uri"])  # a named pipe or a link to /dev/zero would block the read forever
-        volume = segmenter.read(source, timings)
-        prepared = segmenter.prepare(volume, timings, modality=row["modality"] or None)
+        volume = stages.read(source, timings)
+        prepared = stages.prepare(volume, timings, modality=row["modality"] or None)
         voxels, record = prepared.split()
         if prepared.brain is not None:
             row["registration_metric"] = prepared.brain.metric
@@ -93,7 +98,8 @@ def _record_timings(row: dict[str, Any], timings: StageTimings, *stages: str) ->
 
 
 class ModelStage:
-    """Holds one loaded model; :meth:`run` segments one prepared row. Used inside a model actor.
+    """Holds one :class:`~nvseg_ray.model_runner.ModelRunner`; :meth:`run` segments one prepared row with the
+    prompts the planner resolved for it. Used inside a model actor.
 
     Args:
         cfg: the inference configuration (checkpoint is loaded once, here).
@@ -104,7 +110,8 @@ class ModelStage:
     """
 
     def __init__(self, cfg: InferenceConfig, attempt=None, max_attempts: int = 3, on_start=None) -> None:
-        self.segmenter = Segmenter(cfg)  # weights load on the first volume (once per actor), so a run
+        self.cfg = cfg
+        self.runner = ModelRunner(cfg)  # weights load on the first volume (once per actor), so a run
         # whose volumes all fail before the model stage (or a re-run with nothing left) loads nothing
         self.attempt = attempt
         self.max_attempts = max_attempts
@@ -125,10 +132,10 @@ class ModelStage:
         try:
             record = pickle.loads(row["inversion"])
             voxels = pickle.loads(row["model_input"])
-            labels = self.segmenter.infer(record.with_voxels(voxels), prompts_of(row, self.segmenter.cfg), timings)
-            row["labels"] = pickle.dumps(labels.to(torch.int32).numpy().astype(np.uint16), protocol=5)
+            labels = self.runner.infer(record.with_voxels(voxels), prompts_of(row, self.cfg), timings)
+            row["labels"] = pickle.dumps(labels, protocol=5)
             row["model_input"] = b""
-            row["model_sha256"] = self.segmenter.model.sha256
+            row["model_sha256"] = self.runner.model.sha256
         except Exception as exc:
             return _failure(row, exc, "inference")
         finally:
@@ -136,18 +143,18 @@ class ModelStage:
         return row
 
 
-def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]:
+def postprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]:
     """Invert, cast, count, encode and write one mask + its report (CPU). Empties the payload columns."""
     if row["status"] == STATUS_FAILED:
         return row
     timings = StageTimings()
-    cfg = segmenter.cfg
+    cfg = stages.cfg
     try:
         record = pickle.loads(row["inversion"])
         volume = pickle.loads(row["volume"])
-        labels = torch.from_numpy(pickle.loads(row["labels"]).astype(np.int64))
+        labels = pickle.loads(row["labels"])
         prompts = prompts_of(row, cfg)
-        result: SegmentationResult = segmenter.finish(labels, record, volume, prompts, timings)
+        result: SegmentationResult = stages.finish(labels, record, volume, prompts, timings)
         for stage in ("read", "preprocess", "infer"):  # the earlier stages' figures, for the report
             result.timings[stage] = row[f"t_{stage}"]
             result.timings.cpu_s[stage] = row[f"cpu_{stage}"]
@@ -157,7 +164,7 @@ def postprocess_row(row: dict[str, Any], segmenter: Segmenter) -> dict[str, Any]
         # the report is written last: it marks the outputs finished (resume)
         report = write_outputs(result, input_uri=row["uri"], output_uri=row["output_uri"] if nifti else None,
                                cfg=cfg, model_uri=cfg.checkpoint, model_sha256=row["model_sha256"] or None,
-                               seg_target=row["seg_uri"] or None, seed=row["resume_key"], catalog=segmenter.catalog,
+                               seg_target=row["seg_uri"] or None, seed=row["resume_key"], catalog=stages.catalog,
                                report_target=report_uri(row["output_uri"]), extra={"resume_key": row["resume_key"],
                                                                         "settings_key": row["settings_key"]})
         if row["seg_uri"]:

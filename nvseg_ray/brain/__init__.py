@@ -9,7 +9,7 @@ Brain T1 workflow).
 Modules: :mod:`.template` (LUMIR from a path/URI or the ICBM152 2009 template shipped in nilearn),
 :mod:`.images` (NIfTI-style array + RAS affine <-> SimpleITK image), :mod:`.intensity` (N4, WM peak, T1 check),
 :mod:`.registration` (affine registration, warping), :mod:`.skullstrip` (``atlas`` / ``command`` / ``none``),
-:mod:`.revert`, and :mod:`.workflow`, which chains them for :class:`nvseg_ray.engine.Segmenter`.
+:mod:`.revert`, and :mod:`.workflow`, which chains them for :class:`nvseg_ray.stages.VolumeStages`.
 
 SimpleITK (N4 and registration) and nilearn (default template) are optional dependencies, imported lazily:
 ``pip install "nvseg-ray[brain]"``.

@@ -69,9 +69,12 @@ def run(args: argparse.Namespace) -> int:
     into the source study (STOW-RS) and nothing else is written.
     """
     from ..dicom.dicomweb import is_dicomweb_url
-    from ..engine import Segmenter, resolve_prompts
+    from ..engine import segment_volume
+    from ..model_runner import ModelRunner
     from ..output import (duplicate_output_error, earlier_claims, output_location, output_settings, report_uri,
                           resume_key, seg_uri, write_outputs)
+    from ..prompts import resolve_prompts
+    from ..stages import VolumeStages
 
     cfg = config_from_args(args)
     if not cfg.checkpoint:
@@ -94,8 +97,13 @@ def run(args: argparse.Namespace) -> int:
                               hint="write NIfTI input to a folder or bucket")
     outputs = [output_location(src, "." if to_pacs else args.output_dir, cfg) for src in inputs]
     earlier = earlier_claims(zip(map(_where, inputs), outputs))
-    segmenter = Segmenter(cfg)
-    segmenter.model  # load the weights once, before any volume: a bad checkpoint stops here (exit 4)
+    stages = VolumeStages(cfg)
+    # the same prompts for every volume, unless --modality auto (each DICOM series' Modality tag decides); a bad
+    # class or modality stops here, before the weights load (exit 2)
+    fixed_prompts = (resolve_prompts(cfg, stages.catalog) if (cfg.classes or cfg.modality)
+                     and cfg.modality != MODALITY_AUTO else None)
+    runner = ModelRunner(cfg)
+    runner.model  # load the weights once, before any volume: a bad checkpoint stops here (exit 4)
     debug = bool(getattr(args, "debug", False))
     failed = 0
     for index, (source, out, first) in enumerate(zip(inputs, outputs, earlier), 1):
@@ -110,16 +118,16 @@ def run(args: argparse.Namespace) -> int:
             if targets and not cfg.overwrite and all(exists(t, cfg.storage_options) for t in targets):
                 say(f"{prefix}: skipped, {redact_uri(targets[0])} exists (use --overwrite to replace it)")
                 continue
-            prompts = resolve_prompts(cfg, segmenter.catalog, dicom_modality=source.modality if is_dicom else None,
-                                      uri=where) if cfg.modality == MODALITY_AUTO else None
-            result = segmenter.segment(source, prompts)
-            model = segmenter.model
+            prompts = fixed_prompts or resolve_prompts(cfg, stages.catalog, uri=where,
+                                                       dicom_modality=source.modality if is_dicom else None)
+            result = segment_volume(source, stages, runner, prompts)
+            model = runner.model
             report = write_outputs(
                 result, input_uri=where, output_uri=out if nifti else None, cfg=cfg, model_uri=model.uri,
                 model_sha256=model.sha256, seg_target=(args.output_dir if to_pacs else seg_uri(out)) if seg else None,
                 seed=resume_key(source.identity() if is_dicom else where,
                                 output_settings(cfg, result.prompts, dicom=is_dicom), model.sha256 or model.uri),
-                catalog=segmenter.catalog,
+                catalog=stages.catalog,
                 report_target=None if to_pacs else report_uri(out))
         except NvsegError as err:
             failed += 1

@@ -12,9 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import Prompts, Segmenter
+from ..engine import segment_volume
 from ..errors import InputError
 from ..labels import LabelCatalog
+from ..model_runner import ModelRunner
+from ..prompts import Prompts
+from ..stages import VolumeStages
 from ..training.datalist import DataItem, DataListError, global_ids, inspect_item, parse_label_mapping, relabel
 
 CODE_MULTICHANNEL = "unsupported_multichannel"
@@ -51,11 +54,13 @@ def dice(pred: np.ndarray, truth: np.ndarray, class_ids: Iterable[int]) -> dict[
     return out
 
 
-def evaluate_case(segmenter: Segmenter, item: DataItem, mapping: Any, catalog: LabelCatalog) -> list[dict]:
+def evaluate_case(stages: VolumeStages, runner: ModelRunner, item: DataItem, mapping: Any,
+                  catalog: LabelCatalog) -> list[dict]:
     """Segment one case and score it against its relabelled ground truth on the original grid.
 
     Args:
-        segmenter: the engine (its checkpoint is loaded on first use).
+        stages: the CPU stages (read, prepare, finish).
+        runner: the model (its checkpoint is loaded on first use).
         item: the case; one image channel (the engine reads one volume) and a label.
         mapping: ``[[local, global], ...]``; the mapped global ids are the prompts and the scored classes.
         catalog: for class names.
@@ -74,13 +79,13 @@ def evaluate_case(segmenter: Segmenter, item: DataItem, mapping: Any, catalog: L
         raise InputError(f"{item.case_id}: {len(item.image)} image channels; the engine segments one volume per "
                          "case", code=CODE_MULTICHANNEL,
                          hint="evaluate single-channel data lists (upstream input_channels 1)")
-    problems, voxels = inspect_item(item, pairs, storage_options=segmenter.cfg.storage_options)
+    problems, voxels = inspect_item(item, pairs, storage_options=stages.cfg.storage_options)
     if problems:
         raise DataListError(problems, source=item.case_id, case_id=item.case_id)
     assert voxels is not None
     truth = relabel(voxels, pairs)
     prompts = Prompts(class_ids=classes, requested=list(classes), modality=None)
-    pred = np.asarray(segmenter.segment(item.image[0], prompts).labels)
+    pred = np.asarray(segment_volume(item.image[0], stages, runner, prompts).labels)
     if pred.shape != truth.shape:  # the engine's grid is the image's, which check_items matched to the label
         raise DataListError([f"{item.case_id}: prediction shape {pred.shape} != label shape {truth.shape}"],
                             source=item.case_id)

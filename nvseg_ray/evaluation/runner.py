@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..boundary import describe_exception
-from ..engine import Segmenter
 from ..errors import EXIT_VOLUMES_FAILED, NvsegError
 from ..io import join_uri, write_bytes_atomic, write_json
 from ..labels import LabelCatalog
+from ..model_runner import ModelRunner
 from ..raytools import CODE_PIPELINE_ERROR, ensure_ray, forwarded_env, runtime_env, stopped_message
+from ..stages import VolumeStages
 from ..training.datalist import DataItem, global_ids
 from .config import EvaluateConfig, select_items
 from .dice import CASE_COLUMNS, evaluate_case, format_summary, summarize
@@ -67,14 +68,17 @@ class _EvalActor:
 
         torch.set_num_threads(max(1, threads))
         self.cfg = EvaluateConfig.model_validate_json(cfg_json)
-        self.segmenter = Segmenter(self.cfg.inference_config())
-        self.segmenter.model  # noqa: B018 - load the weights now, once per actor
+        inference = self.cfg.inference_config()
+        self.stages = VolumeStages(inference)
+        self.runner = ModelRunner(inference)
+        self.runner.model  # noqa: B018 - load the weights now, once per actor
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         row = dict(row)
         start = time.perf_counter()
         try:
-            results = evaluate_case(self.segmenter, _item_of(row), self.cfg.label_mapping, self.segmenter.catalog)
+            results = evaluate_case(self.stages, self.runner, _item_of(row), self.cfg.label_mapping,
+                                    self.stages.catalog)
             row["results"] = json.dumps(results)
             row["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - per-case isolation
@@ -134,7 +138,7 @@ def run_evaluation(cfg: EvaluateConfig, *, echo: Callable[[str], None] = print) 
     """Evaluate ``cfg.checkpoint`` on the selected cases with Ray Data and write the tables to ``cfg.output``.
 
     One row per case flows through an actor pool (``max_actors`` actors, each loading the checkpoint once
-    through :class:`~nvseg_ray.engine.Segmenter`); a failing case becomes a ``failed`` row with its error code.
+    through :class:`~nvseg_ray.model_runner.ModelRunner`); a failing case becomes a ``failed`` row with its error code.
     Uses the running Ray instance, or starts/joins one (:func:`nvseg_ray.raytools.ensure_ray`).
 
     Returns:

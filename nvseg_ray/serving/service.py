@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
 from ..config import (
@@ -37,15 +36,17 @@ from ..config import (
     validate_config,
 )
 from ..dicom.series import DicomSeries
-from ..engine import Prompts, SegmentationResult, Segmenter, resolve_prompts
 from ..inference import StopRequested
 from ..errors import NvsegError, PromptError, WorkAbandoned
 from ..io import decode_nifti, uri_stem
 from ..labels import MODALITIES, LabelCatalog, parse_class_list, parse_class_token
 from ..model import LoadedModel
+from ..model_runner import ModelRunner
 from ..preprocess import PreparedVolume
+from ..prompts import Prompts, resolve_prompts
 from ..validation import VolumeLimits, validate_nifti
 from ..redaction import redact
+from ..stages import SegmentationResult, VolumeStages
 from .fetch import FetchPolicy
 from .prefixes import parse_prefixes
 from .limits import DEFAULT_MAX_JSON_KB
@@ -309,35 +310,38 @@ class RequestProcessor:
         start = time.perf_counter()
         volume = validate_nifti(decode_nifti(raw, uri=name, max_voxels=self.limits.max_voxels), uri=name, limits=self.limits)
         timings["read"] = time.perf_counter() - start
-        prepared = Segmenter(cfg, catalog=self.catalog).prepare(volume, timings, modality=prompts.modality)
+        prepared = VolumeStages(cfg, catalog=self.catalog).prepare(volume, timings, modality=prompts.modality)
         return PreparedRequest(cfg, prompts, prepared, volume, uri_stem(name) or "image", timings)
 
     def prepare_series(self, series: DicomSeries, cfg: InferenceConfig, prompts: Prompts) -> PreparedRequest:
         """Assemble, validate and preprocess one DICOM series (raises DicomError / InputError for bad series)."""
         timings: dict[str, float] = {}
-        segmenter = Segmenter(cfg.model_copy(update={"max_voxels": self.limits.max_voxels,
+        stages = VolumeStages(cfg.model_copy(update={"max_voxels": self.limits.max_voxels,
                                                      "storage_options": self.settings.storage_options}),
                               catalog=self.catalog)
-        volume = segmenter.read(series, timings)
-        prepared = segmenter.prepare(volume, timings, modality=prompts.modality)
+        volume = stages.read(series, timings)
+        prepared = stages.prepare(volume, timings, modality=prompts.modality)
         return PreparedRequest(cfg, prompts, prepared, volume, series.key, timings)
 
     def finish(self, request: PreparedRequest, labels: np.ndarray) -> SegmentationResult:
-        seg = Segmenter(request.cfg, catalog=self.catalog)
-        return seg.finish(torch.from_numpy(labels.astype(np.int64)), request.prepared, request.volume,
-                          request.prompts, request.timings)
+        """Invert ``labels`` ([H, W, D] global ids on the request's model grid, as :meth:`ModelWorker.infer` returns
+        them) onto the input grid, cast and count."""
+        return VolumeStages(request.cfg, catalog=self.catalog).finish(labels, request.prepared, request.volume,
+                                                                      request.prompts, request.timings)
 
 
 class ModelWorker:
-    """The model side: one loaded network, segmenting prepared volumes (runs in model replicas)."""
+    """The model side: one :class:`~nvseg_ray.model_runner.ModelRunner`, segmenting prepared volumes (runs in model
+    replicas)."""
 
     def __init__(self, settings: ServeSettings, model: LoadedModel | None = None) -> None:
-        self.segmenter = Segmenter(settings.inference_config(modality=settings.default_modality), model=model)
-        self.segmenter.model  # load once per replica, at start-up
+        self.runner = ModelRunner(settings.inference_config(modality=settings.default_modality), model=model)
+        self.runner.model  # load once per replica, at start-up
 
     def infer(self, prepared: PreparedVolume, prompts: Prompts, deadline: float | None = None,
               stop: threading.Event | None = None) -> tuple[np.ndarray, float]:
-        """[H, W, D] uint16 labels on the model grid and the seconds spent.
+        """[H, W, D] global class ids on the model grid (numpy, the runner's compact integer dtype) and the seconds
+        spent.
 
         Args:
             deadline: ``time.time()`` after which the request is gone (its caller timed out): work not started by
@@ -354,18 +358,18 @@ class ModelWorker:
             raise WorkAbandoned("the request's deadline passed before the model started on it",
                                 hint="retry later, or use POST /v1/jobs for large volumes")
         timings: dict[str, float] = {}
-        # the point path reads cfg.points via the prepared volume; the engine's cfg only sets sizes/device
+        # the point path reads cfg.points via the prepared volume; the runner's cfg only sets sizes/device
         try:
-            labels = self.segmenter.infer(prepared, prompts, timings, should_stop=should_stop)
+            labels = self.runner.infer(prepared, prompts, timings, should_stop=should_stop)
         except StopRequested:
             raise WorkAbandoned("the request timed out or was cancelled; the model stopped working on it",
                                 hint="use POST /v1/jobs for large volumes") from None
-        return labels.to(torch.int32).numpy().astype(np.uint16), timings.get("infer", 0.0)
+        return labels, timings.get("infer", 0.0)
 
     def info(self) -> dict[str, Any]:
-        model = self.segmenter.model
+        model = self.runner.model
         return {"uri": model.uri, "sha256": model.sha256, "in_channels": model.architecture.in_channels,
-                "embed_dim": model.architecture.embed_dim, "device": str(self.segmenter.device)}
+                "embed_dim": model.architecture.embed_dim, "device": str(self.runner.device)}
 
 
 #: hints for errors raised without one, by code, then by HTTP status family (every error body has a hint).
