@@ -155,6 +155,37 @@ def test_cycle_check_sees_lazy_and_relative_imports(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
+# The engine in two parts: model-free stages, and the model runner
+# --------------------------------------------------------------------------------------------------------
+
+#: what CPU workers, Serve gateways and the CLI build without weights (the runner is nvseg_ray.model_runner).
+MODEL_FREE = ("nvseg_ray.prompts", "nvseg_ray.stages")
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_model_free_stages_hold_no_model():
+    """The stages never reach the model runner, and import nothing that loads or holds weights."""
+    graph = import_graph(PACKAGE)
+    modules = package_modules(PACKAGE)
+    for name in MODEL_FREE:
+        assert "nvseg_ray.model_runner" not in reachable(graph, name), name
+        imported = {alias.name for node in _runtime_imports(ast.parse(modules[name].read_text()))
+                    for alias in node.names}
+        assert not imported & {"load_model", "LoadedModel", "ModelRunner"}, name
+
+
+# --------------------------------------------------------------------------------------------------------
 # Ray: imported only by the modules the README names, and only when a run starts
 # --------------------------------------------------------------------------------------------------------
 

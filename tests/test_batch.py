@@ -13,11 +13,12 @@ import pytest
 from nvseg_ray.batch import BatchConfig, run_batch
 from nvseg_ray.batch.pipeline import FAULT_INJECTION_ENV
 from nvseg_ray.config import InferenceConfig
-from nvseg_ray.engine import Segmenter
 from nvseg_ray.errors import ConfigError
 from nvseg_ray.io import split_uri
+from nvseg_ray.labels import LabelCatalog
+from nvseg_ray.prompts import resolve_prompts
 
-from .model_helpers import TEST_PATCH, body_phantom, save_volume
+from .model_helpers import TEST_PATCH, body_phantom, save_volume, segment_once
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -73,9 +74,8 @@ def test_prefix_with_corrupt_file_mirrors_folders_and_matches_cli(tiny_checkpoin
         assert report["resume_key"] == rows[name]["resume_key"]
 
     # identical to the single-volume engine (the CLI's code path) for the same input and prompts
-    seg = Segmenter(InferenceConfig(checkpoint=tiny_checkpoint, classes=["liver", "spleen", 5],
-                                    patch_size=TEST_PATCH, device="cpu"))
-    expected = seg.segment(str(inputs / "p1/ct/a.nii.gz")).labels
+    expected = segment_once(InferenceConfig(checkpoint=tiny_checkpoint, classes=["liver", "spleen", 5],
+                                            patch_size=TEST_PATCH, device="cpu"), inputs / "p1/ct/a.nii.gz").labels
     written = nib.load(str(out / "p1/ct/a/a_trans.nii.gz"))
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), expected)
 
@@ -227,5 +227,5 @@ def test_finetuned_checkpoint_sidecar_round_trips_into_the_batch_job(tiny_checkp
     report = json.loads((tmp_path / "out" / "a" / "a_trans.json").read_text())
     assert report["prompts"]["expand_subclasses"] is False and report["prompts"]["class_ids"] == [2]
     # the released weights (no sidecar) still expand 2 -> 14, 5 as upstream does
-    seg = Segmenter(InferenceConfig(checkpoint=tiny_checkpoint, classes=[2]))
-    assert seg.prompts.class_ids == (14, 5)
+    cfg = InferenceConfig(checkpoint=tiny_checkpoint, classes=[2])
+    assert resolve_prompts(cfg, LabelCatalog.default()).class_ids == (14, 5)

@@ -15,12 +15,11 @@ from nvseg_ray.brain.registration import map_points, register_affine
 from nvseg_ray.brain.revert import template_to_input_grid
 from nvseg_ray.brain.skullstrip import atlas_mask
 from nvseg_ray.config import BrainConfig, InferenceConfig
-from nvseg_ray.engine import Segmenter
 from nvseg_ray.errors import ConfigError, InputError
 from nvseg_ray.output import write_result
 
 from .brain_helpers import HEAD_CASES, brain_corners, make_head, save_head, template_of
-from .model_helpers import TEST_PATCH, body_phantom, save_volume
+from .model_helpers import TEST_PATCH, body_phantom, save_volume, segment_once
 
 #: a few MRI_BRAIN classes keep the tiny model's class head cheap (the everything-set is 132 classes).
 BRAIN_CLASSES = [214, 215, 260, 345]
@@ -79,7 +78,7 @@ def test_uint8_head_gives_integer_brain_labels_on_the_exact_input_grid(template,
     source = nib.load(path)
     assert source.get_data_dtype() == np.uint8
     cfg = brain_cfg(tiny_checkpoint, template_paths)
-    result = Segmenter(cfg).segment(str(path))
+    result = segment_once(cfg, path)
     out = tmp_path / "head_u8_trans.nii.gz"
     report = write_result(result, input_uri=str(path), output_uri=str(out), cfg=cfg, model_uri=None,
                           model_sha256=None)
@@ -104,7 +103,7 @@ def test_uint8_head_gives_integer_brain_labels_on_the_exact_input_grid(template,
 def test_brain_preprocess_none_is_upstreams_manual_mode(template_paths, tiny_checkpoint, tmp_path):
     path = save_volume(tmp_path / "aligned.nii.gz", body_phantom((40, 44, 36), seed=3) + 1000.0, np.eye(4))
     cfg = brain_cfg(tiny_checkpoint, template_paths, preprocess="none")
-    result = Segmenter(cfg).segment(str(path))
+    result = segment_once(cfg, path)
     assert result.brain is None and "brain_skullstrip" not in result.timings
     assert result.labels.shape == (40, 44, 36)
 
@@ -112,7 +111,7 @@ def test_brain_preprocess_none_is_upstreams_manual_mode(template_paths, tiny_che
 def test_ct_is_refused_as_not_t1(template_paths, tiny_checkpoint, tmp_path):
     path = save_volume(tmp_path / "ct.nii.gz", body_phantom((40, 44, 36), seed=1), np.diag([1.2, 1.2, 1.5, 1.0]))
     with pytest.raises(InputError, match="looks like a CT") as err:
-        Segmenter(brain_cfg(tiny_checkpoint, template_paths)).segment(str(path))
+        segment_once(brain_cfg(tiny_checkpoint, template_paths), path)
     assert err.value.code == "not_t1_like"
 
 
@@ -120,7 +119,7 @@ def test_noise_volume_fails_the_quality_checks(template_paths, tiny_checkpoint, 
     noise = np.random.default_rng(0).uniform(0, 100, (70, 80, 60)).astype(np.float32)
     path = save_volume(tmp_path / "noise.nii.gz", noise, np.diag([2.0, 2.0, 2.0, 1.0]))
     with pytest.raises(InputError) as err:
-        Segmenter(brain_cfg(tiny_checkpoint, template_paths)).segment(str(path))
+        segment_once(brain_cfg(tiny_checkpoint, template_paths), path)
     assert err.value.code in {"registration_failed", "not_t1_like", "empty_brain_mask"}, err.value
 
 
@@ -137,14 +136,14 @@ def test_command_backend_runs_a_tool_and_reports_a_missing_one(template, templat
         "nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj) * mask, img.affine), args['-o'])\n"
         "nib.save(nib.Nifti1Image(mask, img.affine), args['-m'])\n")
     command = f"{sys.executable} {tool} -i {{input}} -o {{output}} -m {{mask}}"
-    result = Segmenter(brain_cfg(tiny_checkpoint, template_paths, skull_strip="command",
-                                 skull_strip_command=command)).segment(str(path))
+    result = segment_once(brain_cfg(tiny_checkpoint, template_paths, skull_strip="command",
+                                    skull_strip_command=command), path)
     assert result.brain["skull_strip"] == "command" and result.brain["correlation"] > 0.9
 
     missing = brain_cfg(tiny_checkpoint, template_paths, skull_strip="command",
                         skull_strip_command="mri_synthstrip_not_installed -i {input} -o {output}")
     with pytest.raises(InputError, match="not installed or not on PATH") as err:
-        Segmenter(missing).segment(str(path))
+        segment_once(missing, path)
     assert err.value.code == "skull_strip_tool_missing"
 
 

@@ -16,8 +16,10 @@ import pytest
 from nvseg_ray.cli import main
 from nvseg_ray.config import InferenceConfig
 from nvseg_ray.dicom import synthetic as dsyn
-from nvseg_ray.engine import Segmenter
+from nvseg_ray.engine import segment_volume
 from nvseg_ray.errors import EXIT_INVALID, EXIT_VOLUMES_FAILED
+from nvseg_ray.model_runner import ModelRunner
+from nvseg_ray.stages import VolumeStages
 
 from .model_helpers import TEST_PATCH
 from .test_dicom_seg import DCIODVFY, dciodvfy_errors
@@ -104,9 +106,9 @@ def test_dicom_mask_equals_mask_of_the_same_series_as_nifti(tiny_checkpoint, tmp
     assert np.array_equal(np.asarray(converted.dataobj), fx.expected)
     nib.save(converted, nifti)
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, patch_size=TEST_PATCH, device="cpu", classes=["liver", 5])
-    segmenter = Segmenter(cfg)
-    from_dicom = segmenter.segment(fx.dicom_series())
-    from_nifti = segmenter.segment(str(nifti))
+    stages, runner = VolumeStages(cfg), ModelRunner(cfg)
+    from_dicom = segment_volume(fx.dicom_series(), stages, runner)
+    from_nifti = segment_volume(str(nifti), stages, runner)
     np.testing.assert_allclose(from_dicom.volume.affine, from_nifti.volume.affine, atol=1e-4)
     assert np.array_equal(from_dicom.labels, from_nifti.labels)
 

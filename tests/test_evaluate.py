@@ -115,17 +115,18 @@ def test_config_and_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_evaluate_case_rejects_off_grid_label(tmp_path: Path, tiny_checkpoint: str) -> None:
-    from nvseg_ray.engine import Segmenter
+    from nvseg_ray.model_runner import ModelRunner
+    from nvseg_ray.stages import VolumeStages
     from nvseg_ray.training.datalist import DataItem
 
     image = save_volume(tmp_path / "img.nii.gz", body_phantom(SHAPE), AFFINE)
     label = save_volume(tmp_path / "lab.nii.gz", np.zeros(SHAPE, np.uint8), np.diag([1.0, 1.5, 2.0, 1.0]))
     cfg = EvaluateConfig(datalist="x.json", checkpoint=tiny_checkpoint, output="o", patch_size=TEST_PATCH,
                          device="cpu")
-    seg = Segmenter(cfg.inference_config())
+    stages = VolumeStages(cfg.inference_config())
     item = DataItem(image=(str(image),), label=str(label), fold=0, case_id="img")
     with pytest.raises(DataListError, match="not on the image grid"):
-        evaluate_case(seg, item, [[1, 3]], seg.catalog)
+        evaluate_case(stages, ModelRunner(cfg.inference_config()), item, [[1, 3]], stages.catalog)
 
 
 # -- end to end on Ray -----------------------------------------------------------------------------------
@@ -135,7 +136,9 @@ def test_evaluate_case_rejects_off_grid_label(tmp_path: Path, tiny_checkpoint: s
 def test_run_evaluation_end_to_end(tmp_path: Path, tiny_checkpoint: str) -> None:
     import torch
 
-    from nvseg_ray.engine import Segmenter
+    from nvseg_ray.engine import segment_volume
+    from nvseg_ray.model_runner import ModelRunner
+    from nvseg_ray.stages import VolumeStages
 
     datalist = _dataset(tmp_path / "data", n=2)
     # a third fold-0 case whose label is missing: isolated as a failed row, the others still evaluated
@@ -175,9 +178,9 @@ def test_run_evaluation_end_to_end(tmp_path: Path, tiny_checkpoint: str) -> None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the actor
     try:
-        seg = Segmenter(cfg.inference_config())
+        stages, runner = VolumeStages(cfg.inference_config()), ModelRunner(cfg.inference_config())
         for case in ("case_0", "case_1"):
-            pred = seg.segment(str(tmp_path / "data" / "imagesTr" / f"{case}.nii.gz")).labels
+            pred = segment_volume(str(tmp_path / "data" / "imagesTr" / f"{case}.nii.gz"), stages, runner).labels
             truth = relabel(np.asanyarray(read_nifti(tmp_path / "data" / "labelsTr" / f"{case}.nii.gz").dataobj),
                             MAPPING)
             expected = dice(pred, truth, [3, 1])

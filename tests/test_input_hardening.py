@@ -19,13 +19,13 @@ import torch
 from nvseg_ray import io as nio
 from nvseg_ray import validation as val
 from nvseg_ray.config import InferenceConfig
-from nvseg_ray.engine import Segmenter
 from nvseg_ray.errors import CheckpointError, ConfigError, InputError, NvsegError, PromptError
 from nvseg_ray.inference import MAX_SLIDING_WINDOWS, check_window_count, sliding_window_count
 from nvseg_ray.labels import LabelCatalog, parse_class_list
 from nvseg_ray.model import build_network
 from nvseg_ray.output import earlier_claims, mask_uri
 from nvseg_ray.preprocess import build_preprocessing, check_model_grid, resampled_shape
+from nvseg_ray.stages import VolumeStages
 
 from .model_helpers import TEST_PATCH, body_phantom, make_tiny_state_dict, save_volume
 
@@ -239,10 +239,11 @@ VOLUME_CASES: list[tuple[str, Callable[[], np.ndarray], float, str]] = [
 @pytest.mark.parametrize(("name", "build", "spacing", "code"), VOLUME_CASES, ids=[c[0] for c in VOLUME_CASES])
 def test_unusable_volume_is_a_typed_error(name: str, build: Callable[[], np.ndarray], spacing: float, code: str,
                                           tiny_checkpoint: str, tmp_path: Path) -> None:
-    seg = Segmenter(InferenceConfig(checkpoint=tiny_checkpoint, classes=["liver"], patch_size=TEST_PATCH, device="cpu"))
+    stages = VolumeStages(InferenceConfig(checkpoint=tiny_checkpoint, classes=["liver"], patch_size=TEST_PATCH,
+                                          device="cpu"))
     path = _volume(tmp_path, f"{name}.nii.gz", build(), spacing)
     with pytest.raises(InputError) as info:
-        seg.prepare(seg.read(path))
+        stages.prepare(stages.read(path))
     assert info.value.code == code and path in info.value.message and info.value.hint
 
 
@@ -253,9 +254,9 @@ def test_point_outside_the_volume_is_invalid_prompt(point: tuple[float, float, f
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, classes=["liver"], points=[point], patch_size=TEST_PATCH,
                           device="cpu")
     path = _volume(tmp_path, "ct.nii.gz", body_phantom((40, 36, 30)))
-    seg = Segmenter(cfg)
+    stages = VolumeStages(cfg)
     with pytest.raises(PromptError) as info:
-        seg.prepare(seg.read(path))
+        stages.prepare(stages.read(path))
     err = info.value
     assert err.code == "invalid_prompt" and "(40, 36, 30)" in err.message and "i 0..39, j 0..35, k 0..29" in err.message
     assert err.details["shape"] == [40, 36, 30]
@@ -264,8 +265,8 @@ def test_point_outside_the_volume_is_invalid_prompt(point: tuple[float, float, f
 def test_point_inside_the_volume_is_accepted(tiny_checkpoint: str, tmp_path: Path) -> None:
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, classes=["liver"], points=[(0, 35, 29.0)], patch_size=TEST_PATCH,
                           device="cpu")
-    seg = Segmenter(cfg)
-    prepared = seg.prepare(seg.read(_volume(tmp_path, "ct.nii.gz", body_phantom((40, 36, 30)))))
+    stages = VolumeStages(cfg)
+    prepared = stages.prepare(stages.read(_volume(tmp_path, "ct.nii.gz", body_phantom((40, 36, 30)))))
     assert prepared.points is not None and prepared.points.shape == (1, 3)
 
 
@@ -280,9 +281,9 @@ def test_tiny_brain_scan_is_a_typed_error(tiny_checkpoint: str, tmp_path: Path) 
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, modality="MRI_BRAIN", patch_size=TEST_PATCH, device="cpu")
     rng = np.random.default_rng(0)
     path = _volume(tmp_path, "t1.nii.gz", rng.integers(10, 500, (6, 6, 6)).astype(np.int16), 1.0)
-    seg = Segmenter(cfg)
+    stages = VolumeStages(cfg)
     with pytest.raises(InputError) as info:
-        seg.prepare(seg.read(path))
+        stages.prepare(stages.read(path))
     assert info.value.code == "too_small" and "(6, 6, 6)" in info.value.message
 
 

@@ -21,13 +21,12 @@ import yaml
 
 from nvseg_ray.client import NvsegClient
 from nvseg_ray.config import InferenceConfig
-from nvseg_ray.engine import Segmenter
 from nvseg_ray.errors import ServiceError
 from nvseg_ray.serving.encode import read_nrrd_zip
 from nvseg_ray.serving.service import DEFAULT_MAX_INFLIGHT, DEFAULT_REQUEST_TIMEOUT_S, ServeSettings
 
 from .brain_helpers import make_head, save_head, template_of
-from .model_helpers import TEST_PATCH, body_phantom, save_volume
+from .model_helpers import TEST_PATCH, body_phantom, save_volume, segment_once
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -120,7 +119,7 @@ def service(tiny_checkpoint, volumes, template_paths):
 
 def engine_labels(checkpoint: str, path: Path, **prompts) -> np.ndarray:
     cfg = InferenceConfig(checkpoint=checkpoint, patch_size=TEST_PATCH, device="cpu", **prompts)
-    return Segmenter(cfg).segment(str(path)).labels
+    return segment_once(cfg, path).labels
 
 
 def _error(resp: httpx.Response) -> dict:

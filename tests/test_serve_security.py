@@ -35,7 +35,7 @@ from nvseg_ray.serving.auth import TokenAuth, read_tokens
 from nvseg_ray.serving.prefixes import check_location, check_output_uri, parse_prefix
 from nvseg_ray.serving.service import ServeSettings, error_body
 
-from .model_helpers import TEST_PATCH, body_phantom, save_volume
+from .model_helpers import TEST_PATCH, body_phantom, save_volume, segment_once
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "t0k3n-" + "a" * 32
@@ -200,13 +200,12 @@ def test_job_records_and_error_bodies_are_redacted() -> None:
 
 def test_report_records_redacted_uris(tmp_path: Path, tiny_checkpoint: str) -> None:
     from nvseg_ray.config import InferenceConfig
-    from nvseg_ray.engine import Segmenter
     from nvseg_ray.output import write_result
 
     path = tmp_path / "ct.nii.gz"
     save_volume(path, body_phantom((24, 22, 12), seed=3), np.diag([2.0, 2.0, 3.0, 1.0]))
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, patch_size=TEST_PATCH, device="cpu", classes=["liver"])
-    result = Segmenter(cfg).segment(str(path))
+    result = segment_once(cfg, path)
     out = tmp_path / "out" / "seg.nii.gz"
     url = f"https://u:{SECRET}@h.example/ct.nii.gz?token={SIGNATURE}"
     write_result(result, input_uri=url, output_uri=str(out), cfg=cfg, model_uri=None, model_sha256=None,

@@ -8,11 +8,10 @@ import pickle
 import numpy as np
 
 from nvseg_ray.config import InferenceConfig
-from nvseg_ray.engine import STAGES, Segmenter
 from nvseg_ray.output import write_result
-from nvseg_ray.timing import StageTimings, timed
+from nvseg_ray.timing import STAGES, StageTimings, timed
 
-from .model_helpers import TEST_PATCH, body_phantom, save_volume
+from .model_helpers import TEST_PATCH, body_phantom, save_volume, segment_once
 
 
 def test_stage_timings_measure_cpu_and_peak_memory_and_nest():
@@ -38,7 +37,7 @@ def test_report_carries_cpu_seconds_and_peak_memory_per_stage(tiny_checkpoint, t
     path = tmp_path / "ct.nii.gz"
     save_volume(path, body_phantom((40, 36, 18), seed=2), np.diag([1.5, 1.5, 3.0, 1.0]))
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, patch_size=TEST_PATCH, device="cpu", classes=["liver"])
-    result = Segmenter(cfg).segment(str(path))
+    result = segment_once(cfg, path)
     out = tmp_path / "out" / "ct_trans.nii.gz"
     write_result(result, input_uri=str(path), output_uri=str(out), cfg=cfg, model_uri=None, model_sha256=None)
     report = json.loads(out.with_name("ct_trans.json").read_text())

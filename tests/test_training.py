@@ -14,7 +14,7 @@ from nvseg_ray.errors import ConfigError
 from nvseg_ray.training import config as tc
 from nvseg_ray.training.config import TrainConfig
 
-from .model_helpers import save_volume
+from .model_helpers import save_volume, segment_once
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (32, 32, 32)
@@ -227,7 +227,6 @@ def test_malicious_train_state_is_refused_without_running_it(tmp_path, tiny_chec
 @pytest.mark.slow
 def test_train_two_workers_export_and_resume(tmp_path, tiny_checkpoint, ray_cluster):
     from nvseg_ray.config import InferenceConfig
-    from nvseg_ray.engine import Segmenter
     from nvseg_ray.model import load_model
     from nvseg_ray.training.run import run_training
 
@@ -245,8 +244,8 @@ def test_train_two_workers_export_and_resume(tmp_path, tiny_checkpoint, ray_clus
     raw = torch.load(cfg.output, map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in raw.values())
     assert load_model(cfg.output).architecture.embed_dim == 8
-    result = Segmenter(InferenceConfig(checkpoint=cfg.output, classes=[3], patch_size=(32, 32, 32))).segment(
-        str(datalist.parent / "img0.nii.gz"))
+    result = segment_once(InferenceConfig(checkpoint=cfg.output, classes=[3], patch_size=(32, 32, 32)),
+                          datalist.parent / "img0.nii.gz")
     assert result.labels.shape == SHAPE and set(np.unique(result.labels).tolist()) <= {0, 3}
 
     # same run name, more epochs: continues at epoch 3 with the restored history
