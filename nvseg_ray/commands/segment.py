@@ -139,11 +139,11 @@ def run(args: argparse.Namespace) -> int:
                 traceback.print_exc()
             print(f"{prefix}: FAILED {internal_error_text(exc)}", file=sys.stderr, flush=True)
             continue
-        stages = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
+        seconds = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
         written = [redact_uri(out)] if nifti else []
         if seg:
             written.append(report["dicom"]["seg"]["uri"] or "no SEG (nothing found)")
-        say(f"{prefix} -> {', '.join(written)} ({len(result.statistics)} labels; {stages})")
+        say(f"{prefix} -> {', '.join(written)} ({len(result.statistics)} labels; {seconds})")
     if failed:
         print(f"{failed} of {len(inputs)} volume(s) failed", file=sys.stderr)
         return EXIT_VOLUMES_FAILED
