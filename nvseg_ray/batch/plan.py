@@ -7,11 +7,11 @@ import pickle
 from collections.abc import Sequence
 
 from ..config import InferenceConfig
-from ..engine import resolve_prompts
 from ..errors import NvsegError
 from ..io import split_uri
 from ..labels import LabelCatalog
 from ..output import output_location, output_settings, report_uri, resume_key, seg_uri
+from ..prompts import resolve_prompts
 from .inputs import WorkItem
 from .rows import STATUS_FAILED, STATUS_PENDING, STATUS_SKIPPED, new_row
 

@@ -3,10 +3,10 @@
 ``preprocess_row`` (CPU): refuse non-regular local files, read + validate + prepare -> ``model_input`` voxels and the small inversion record.
 ``ModelStage.run`` (GPU/CPU actor): sliding-window inference -> ``labels`` on the model grid (the runner's compact
 integer array, as it is).
+``postprocess_row`` (CPU): invert to the input grid, cast, statistics, encode, write mask + report.
 
 The CPU stages take a :class:`~nvseg_ray.stages.VolumeStages` (no model); only :class:`ModelStage` holds a
 :class:`~nvseg_ray.model_runner.ModelRunner`.
-``postprocess_row`` (CPU): invert to the input grid, cast, statistics, encode, write mask + report.
 
 Every stage catches errors per row and turns them into a ``failed`` row with the error code, so a bad
 volume never takes a block (or the job) down with it.
