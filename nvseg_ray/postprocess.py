@@ -2,130 +2,118 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd
-from monai.utils import TraceKeys
 
 from .errors import ConfigError
-from .preprocess import IMAGE_KEY, PreparedVolume
+from .model_grid import SEPARABLE_TOL, GridMap
+from .preprocess import PreparedVolume
 
-#: relative size below which an off-axis term of the normalised resampling transform is float noise.
-SEPARABLE_TOL = 1e-9
 _DTYPE_MAX = {"uint8": 255, "uint16": 65535, "int16": 32767, "int32": 2**31 - 1, "float32": 2**24}
+#: input slices gathered at a time when inverting: bounds the gather's index arrays and temporaries.
+INVERT_SLAB_SLICES = 32
 
 
-def invert_labels(labels: torch.Tensor, prepared: PreparedVolume, transforms: Compose) -> np.ndarray:
+def invert_labels(labels: np.ndarray | torch.Tensor, prepared: PreparedVolume, dtype: str | np.dtype = np.uint16,
+                  ) -> np.ndarray:
     """Undo orientation, crop and resampling with nearest-neighbour interpolation, as upstream's ``Invertd``.
 
-    Orientation and crop are undone by MONAI itself (cheap: a flip/permute and a zero pad). The
-    resampling back to the input grid is the expensive step -- MONAI builds a float64 sampling grid of
-    3 x input voxels (1.9 GB for a 512x512x300 CT) and runs ``grid_sample``. Because the model grid keeps
-    the input's direction cosines (``Spacing`` with ``diagonal=False``) and ``Orientation`` only
-    permutes/flips axes, that resampling is separable: each input axis reads from exactly one model-grid
-    axis. :func:`separable_nearest_indices` computes the per-axis nearest indices with the *same* torch
-    kernels MONAI uses (``affine_grid``/``grid_sample`` on 1-D lines), and one fancy-indexing gather
-    builds the result. Non-separable geometry falls back to MONAI's full ``Invertd`` path.
+    Orientation and crop are a view and an offset here. The resampling back to the input grid is what MONAI
+    makes expensive -- a float64 sampling grid of 3 x input voxels (1.9 GB for a 512x512x300 CT) and a full
+    ``grid_sample``. Because the model grid keeps the input's direction cosines, each input axis reads from exactly
+    one model-grid axis: :func:`separable_nearest_indices` computes the per-axis nearest indices with the *same*
+    torch kernels MONAI uses (on 1-D lines, from the affine MONAI's inverse would hold,
+    :meth:`~nvseg_ray.model_grid.GridMap.inverted_affine`, so exact .5 ties fall the same way), and the result is
+    gathered slab by slab straight into the output array. Geometry that cannot be split per axis falls back to
+    MONAI's own nearest resampling.
 
     Args:
-        labels: [H, W, D] integer label map on the model grid (any device).
-        prepared: the :class:`PreparedVolume` the labels were computed from (its ``applied_operations``).
-        transforms: the preprocessing chain that produced ``prepared.image``.
+        labels: [H, W, D] integer label map on the model grid (numpy or torch, any device, any integer dtype).
+        prepared: the :class:`PreparedVolume` the labels were computed from (its ``grid``).
+        dtype: the returned array's dtype (the output file's; it must hold every label).
 
     Returns:
-        (X, Y, Z) uint16 label map on the input image's voxel grid (ids < 512 always fit). Voxels outside
-        the cropped region are 0.
+        (X, Y, Z) label map of ``dtype`` on the input image's voxel grid. Voxels outside the cropped region are 0.
     """
-    pred = _labels_with_operations(labels, prepared)
-    # undo every transform after the first (Spacing): Orientation, then the foreground crop
-    pred = Compose(transforms.transforms[1:]).inverse({IMAGE_KEY: pred})[IMAGE_KEY]
-    spacing_op = pred.applied_operations[-1]
-    fast = separable_nearest_indices(spacing_op, pred.affine, pred.shape[1:])
-    if fast is None:  # oblique resampling cannot be split per axis: full MONAI inverse
-        array = _monai_invert(labels, prepared, transforms)
-    else:
-        source = np.rint(pred.as_tensor().numpy()[0]).astype(np.uint16)
-        array = source[fast]
-    if array.shape != prepared.input_shape:  # inversion must land on the input grid exactly
-        raise RuntimeError(f"inverted mask shape {array.shape} != input shape {prepared.input_shape}")
-    return array
+    grid = prepared.grid
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    if tuple(labels.shape) != grid.model_shape:
+        raise RuntimeError(f"labels of shape {tuple(labels.shape)} for a model grid of {grid.model_shape}")
+    cropped = grid.to_resampled_order(labels)  # a view, cropped-grid (input) axis order
+    current = grid.inverted_affine()
+    fast = separable_nearest_indices(grid.input_affine, grid.input_shape, current, grid.resampled_shape)
+    if fast is None:  # geometry that cannot be split per axis: MONAI's full nearest resampling
+        return _monai_nearest(cropped, grid, current).astype(dtype, copy=False)
+    out = np.zeros(grid.input_shape, dtype=dtype)
+    targets, sources = [], []
+    for axis in range(3):
+        index = fast[axis].reshape(-1) - grid.crop_start[axis]
+        inside = np.nonzero((index >= 0) & (index < cropped.shape[axis]))[0]
+        targets.append(inside)
+        sources.append(index[inside])
+    if not all(len(t) for t in targets):
+        return out
+    # the nearest index is monotonic in the input index, so the voxels that land in the crop are one box
+    box = tuple(slice(int(t[0]), int(t[-1]) + 1) if len(t) == t[-1] - t[0] + 1 else t for t in targets[:2])
+    rows = np.ix_(sources[0], sources[1], [0])
+    for first in range(0, len(targets[2]), INVERT_SLAB_SLICES):
+        z_targets = targets[2][first : first + INVERT_SLAB_SLICES]
+        z_sources = sources[2][first : first + INVERT_SLAB_SLICES]
+        gathered = cropped[rows[0], rows[1], z_sources[None, None, :]]
+        if all(isinstance(b, slice) for b in box):
+            out[box[0], box[1], z_targets] = gathered
+        else:
+            out[np.ix_(targets[0], targets[1], z_targets)] = gathered
+    return out
 
 
-def _monai_invert(labels: torch.Tensor, prepared: PreparedVolume, transforms: Compose) -> np.ndarray:
-    """Reference path: MONAI ``Invertd`` with nearest interpolation over the whole chain."""
-    pred = _labels_with_operations(labels, prepared)
-    reference = MetaTensor(torch.zeros((1, 0, 0, 0)), meta=dict(prepared.image.meta),
-                           applied_operations=copy.deepcopy(pred.applied_operations))
-    inverter = Invertd("pred", transform=transforms, orig_keys=IMAGE_KEY, nearest_interp=True, to_tensor=True)
-    out = inverter({"pred": pred, IMAGE_KEY: reference})["pred"]
-    return np.rint(out.detach().cpu().numpy()[0]).astype(np.uint16)
+def _monai_nearest(cropped: np.ndarray, grid: GridMap, current_affine: np.ndarray) -> np.ndarray:
+    """Reference path: MONAI's nearest ``SpatialResample`` (what ``Invertd`` runs for Spacing) of the uncropped labels.
+
+    Returns (X, Y, Z) labels on the input grid (int64)."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    full = np.zeros(grid.resampled_shape, dtype=np.float32)
+    full[tuple(slice(s, e) for s, e in zip(grid.crop_start, grid.crop_end))] = cropped
+    image = MetaTensor(torch.from_numpy(full)[None], affine=torch.as_tensor(current_affine, dtype=torch.float64))
+    resample = SpatialResample(mode="nearest", padding_mode="border", align_corners=False, dtype=torch.float64)
+    out = resample(image, dst_affine=torch.as_tensor(grid.input_affine, dtype=torch.float64),
+                   spatial_size=grid.input_shape)
+    return np.rint(out.as_tensor().numpy()[0]).astype(np.int64)
 
 
-def _labels_with_operations(labels: torch.Tensor, prepared: PreparedVolume) -> MetaTensor:
-    """The labels as a [1, H, W, D] float32 MetaTensor carrying a copy of the image's transform record.
+def separable_nearest_indices(input_affine: np.ndarray, input_shape: Sequence[int], current_affine: np.ndarray,
+                              current_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
+                              align_corners: bool = False, padding: str = "border") -> tuple[np.ndarray, ...] | None:
+    """Per-axis nearest-neighbour indices that map a resampled grid back onto the input grid, as MONAI does.
 
-    MONAI checks that an inverse is run by the very transform instance that recorded the operation (by
-    ``id``); the record may come from another process (Ray stages, Serve replicas) or another instance of
-    the same chain, so the ids are cleared (``TraceKeys.NONE`` skips that check). The chain itself is the
-    one :func:`nvseg_ray.preprocess.build_preprocessing` builds for the same config.
-    """
-    operations = _without_instance_ids(copy.deepcopy(prepared.image.applied_operations))
-    return MetaTensor(labels.detach().to("cpu", torch.float32)[None], meta=dict(prepared.image.meta),
-                      applied_operations=operations)
-
-
-def _without_instance_ids(record):  # noqa: ANN001, ANN202 - nested lists/dicts of MONAI trace records
-    """Set every (nested, e.g. a crop's ``pad_info``) trace record's ``id`` to ``TraceKeys.NONE``, in place."""
-    if isinstance(record, list):
-        for item in record:
-            _without_instance_ids(item)
-    elif isinstance(record, dict):
-        if TraceKeys.ID in record:
-            record[TraceKeys.ID] = TraceKeys.NONE
-        for value in record.values():
-            if isinstance(value, (dict, list)):
-                _without_instance_ids(value)
-    return record
-
-
-def separable_nearest_indices(spacing_op: dict, current_affine: torch.Tensor,
-                              current_shape: tuple[int, ...]) -> tuple[np.ndarray, ...] | None:
-    """Per-axis nearest-neighbour indices that invert a recorded MONAI ``Spacing`` op.
-
-    Mirrors ``monai.transforms.spatial.functional.spatial_resample`` (inverse direction) and
-    ``monai.networks.layers.AffineTransform``: the voxel->voxel transform is normalised with
-    ``to_norm_affine``, axes are reversed for torch, and ``affine_grid`` + ``grid_sample`` (nearest, the
-    op's padding mode, ``align_corners=False``) run in the op's dtype -- but on one line per axis instead
-    of on the full grid. Valid only when the normalised transform maps each output axis to exactly one
-    input axis; returns ``None`` otherwise.
+    Mirrors ``monai.transforms.spatial.functional.spatial_resample`` (inverse direction of Spacing: float64,
+    border padding, ``align_corners=False``) and ``monai.networks.layers.AffineTransform``: the voxel->voxel
+    transform is normalised with ``to_norm_affine``, axes are reversed for torch, and ``affine_grid`` +
+    ``grid_sample`` (nearest) run -- but on one line per axis instead of on the full grid. Valid only when the
+    normalised transform maps each output axis to exactly one input axis; returns ``None`` otherwise.
 
     Args:
-        spacing_op: the ``applied_operations`` entry recorded by ``Spacing``.
-        current_affine: 4x4 voxel -> world affine of the (uncropped, model-orientation) label map.
-        current_shape: its spatial shape (the model grid before cropping).
+        input_affine, input_shape: the input grid (voxel -> RAS mm) the labels go back to.
+        current_affine: 4x4 voxel -> RAS mm affine of the (uncropped, input-axis-order) resampled label grid.
+        current_shape: its spatial shape.
 
     Returns:
-        A tuple of 3 broadcastable int64 index arrays ``(I0, I1, I2)`` such that
+        A tuple of 3 broadcastable int64 index arrays ``(I0, I1, I2)`` into the resampled grid such that
         ``labels[I0, I1, I2]`` has the input image's shape, or ``None``.
     """
     from monai.networks.utils import to_norm_affine
 
-    info = spacing_op.get("extra_info", {})
-    if spacing_op.get("class") not in ("Spacing", "SpatialResample") or "src_affine" not in info:
+    align = bool(align_corners)
+    if padding not in ("border", "reflection"):  # zeros: outside the source reads 0, indistinguishable here
         return None
-    dtype = getattr(torch, str(info.get("dtype", "float64")))
-    align = info.get("align_corners")
-    align = False if align in (None, "none", TraceKeys.NONE) else bool(align)
-    padding = str(info.get("padding_mode", "border"))
-    if padding not in ("border", "zeros", "reflection"):
-        return None
-    dst_size = tuple(int(s) for s in spacing_op["orig_size"])
+    dst_size = tuple(int(s) for s in input_shape)
     src_size = tuple(int(s) for s in current_shape)
-    xform = np.linalg.solve(np.asarray(current_affine, dtype=np.float64), np.asarray(info["src_affine"], np.float64))
+    xform = np.linalg.solve(np.asarray(current_affine, dtype=np.float64), np.asarray(input_affine, np.float64))
     theta = to_norm_affine(torch.as_tensor(xform, dtype=dtype)[None], src_size, dst_size, align_corners=align)
     rev = [2, 1, 0]
     theta[:, :3] = theta[:, rev]
@@ -152,8 +140,6 @@ def separable_nearest_indices(spacing_op: dict, current_affine: torch.Tensor,
             return None  # the dropped noise terms decide exact .5 ties in MONAI's full-grid path
         picked = torch.nn.functional.grid_sample(probe, grid, mode="nearest", padding_mode=padding, align_corners=align)
         idx = picked.reshape(-1).round().to(torch.int64).numpy()
-        if padding == "zeros":  # outside the source: grid_sample returns 0, indistinguishable here
-            return None
         shape = [1, 1, 1]
         shape[out_dim] = dst_size[out_dim]
         indices[in_dim] = idx.reshape(shape)
@@ -170,12 +156,22 @@ def _has_rounding_ties(normalised: torch.Tensor, size: int, align_corners: bool)
     return bool(((frac - 0.5).abs() < 1e-6).any())
 
 
-def cast_labels(labels: np.ndarray, dtype: str, max_label: int) -> np.ndarray:
-    """Cast a label map to the output dtype, refusing a dtype that cannot hold ``max_label``."""
+def check_output_dtype(dtype: str, max_label: int) -> np.dtype:
+    """The output dtype as numpy's, refusing one that cannot hold ``max_label``.
+
+    Raises:
+        ConfigError: e.g. ``uint8`` for label id 300.
+    """
     if max_label > _DTYPE_MAX[dtype]:
         raise ConfigError(f"output dtype {dtype} cannot hold label id {max_label}",
                           hint="use --output-dtype uint16 (the default)")
-    return labels.astype(np.dtype(dtype), copy=False)
+    return np.dtype(dtype)
+
+
+def cast_labels(labels: np.ndarray, dtype: str, max_label: int) -> np.ndarray:
+    """Cast a label map to the output dtype (no copy when it already is), refusing a dtype that cannot hold
+    ``max_label``."""
+    return labels.astype(check_output_dtype(dtype, max_label), copy=False)
 
 
 def label_statistics(labels: np.ndarray, affine: np.ndarray, names: Mapping[int, str]) -> list[dict]:

@@ -1,7 +1,6 @@
 """The model-free stages of segmenting one volume: read -> prepare -> (the model) -> finish -> write.
 
-:class:`VolumeStages` holds what the CPU stages need (configuration, label catalog, the MONAI preprocessing
-chain, the volume limits) and no network or weights, so CPU workers of the batch job, Serve gateways, the CLI
+:class:`VolumeStages` holds what the CPU stages need (configuration, label catalog, the volume limits) and no network or weights, so CPU workers of the batch job, Serve gateways, the CLI
 and evaluation all build one cheaply. The model's part, between :meth:`VolumeStages.prepare` and
 :meth:`VolumeStages.finish`, is :class:`nvseg_ray.model_runner.ModelRunner`; the write stage is
 :func:`nvseg_ray.output.write_result` / :func:`~nvseg_ray.output.write_outputs`; :func:`nvseg_ray.engine.segment_volume`
@@ -19,15 +18,14 @@ from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from .config import InferenceConfig
 from .dicom.series import DicomSeries
 from .errors import PromptError
 from .inference import check_window_count
 from .labels import LabelCatalog
-from .postprocess import cast_labels, invert_labels, label_statistics
-from .preprocess import PreparedVolume, build_preprocessing, prepare
+from .postprocess import cast_labels, check_output_dtype, invert_labels, label_statistics
+from .preprocess import PreparedVolume, prepare
 from .prompts import Prompts
 from .timing import timed
 from .validation import ValidatedVolume, VolumeLimits, check_model_input, read_and_validate, validate_nifti
@@ -68,7 +66,6 @@ class VolumeStages:
     def __init__(self, cfg: InferenceConfig, catalog: LabelCatalog | None = None) -> None:
         self.cfg = cfg
         self.catalog = catalog or LabelCatalog.load(cfg.label_catalog)
-        self.transforms = build_preprocessing(cfg)
         self.limits = VolumeLimits(max_voxels=cfg.max_voxels)
 
     def read(self, source: str | DicomSeries, timings: dict[str, float] | None = None) -> ValidatedVolume:
@@ -116,7 +113,7 @@ class VolumeStages:
         with timed(timings, "preprocess"):
             check_model_input(volume.array, uri=volume.uri)  # empty_volume / constant_volume
             if not self.cfg.uses_brain_workflow(modality):
-                prepared = prepare(volume.array, volume.affine, self.cfg, self.transforms, uri=volume.uri)
+                prepared = prepare(volume.array, volume.affine, self.cfg, uri=volume.uri)
                 check_window_count(prepared.model_shape, self.cfg, uri=volume.uri)
                 return prepared
             from .brain import prepare_brain
@@ -127,7 +124,7 @@ class VolumeStages:
             warped, record = prepare_brain(volume.array, volume.affine, volume.image, self.cfg.brain, uri=volume.uri,
                                            storage_options=self.cfg.storage_options)
             timings.update({f"brain_{step}": seconds for step, seconds in record.timings.items()})
-            prepared = prepare(warped, np.asarray(record.template_affine), self.cfg, self.transforms, uri=volume.uri)
+            prepared = prepare(warped, np.asarray(record.template_affine), self.cfg, uri=volume.uri)
             check_window_count(prepared.model_shape, self.cfg, uri=volume.uri)
             prepared.brain = record
             return prepared
@@ -149,14 +146,15 @@ class VolumeStages:
         """
         timings = timings if timings is not None else {}
         with timed(timings, "postprocess"):
-            # a read-only array (zero-copy from Ray's object store) is copied: torch wants writable memory
-            on_input = invert_labels(torch.from_numpy(np.require(labels, requirements="W")), prepared, self.transforms)
+            max_label = max(prompts.class_ids, default=0)
+            dtype = check_output_dtype(self.cfg.output_dtype, max_label)  # refused before any work
+            on_input = invert_labels(labels, prepared, dtype)  # gathered straight into the output dtype
             if prepared.brain is not None:  # template grid -> the exact input grid
                 from .brain import revert_to_input
 
                 with timed(timings, "brain_revert"):
                     on_input = revert_to_input(on_input, prepared.brain)
-            out = cast_labels(on_input, self.cfg.output_dtype, max(prompts.class_ids, default=0))
+            out = cast_labels(on_input, self.cfg.output_dtype, max_label)  # no copy unless the brain path changed it
             names = {i: self.catalog.name(i) for i in prompts.class_ids}
             stats = label_statistics(on_input, volume.affine, names)
         return SegmentationResult(labels=out, volume=volume, prompts=prompts, statistics=stats, timings=timings,

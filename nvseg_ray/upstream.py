@@ -36,7 +36,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from .config import DEFAULT_PATCH_SIZE
+from .config import DEFAULT_PATCH_SIZE, InferenceConfig
 from .labels import SUBCLASSES
 
 #: upstream inference.json ``subclass`` (string keys, as MONAI's VistaPreTransformd expects them).
@@ -54,6 +54,22 @@ def upstream_preprocessing(device: str | torch.device = "cpu", subclass: dict | 
         VistaPreTransformd("image", subclass=subclass),
         ScaleIntensityRangePercentilesd("image", lower=1, upper=99, b_min=0, b_max=1, clip=True),
         Orientationd("image", axcodes="RAS"),
+        CastToTyped("image", dtype=torch.float32),
+    ])
+
+
+def upstream_model_grid_chain(cfg: InferenceConfig | None = None) -> Compose:
+    """Upstream's model-grid transforms (``Spacingd`` .. ``CastToTyped``, without the prompt-only
+    ``VistaPreTransformd``) on key ``image``, with ``cfg``'s spacing, margin and percentiles (upstream's defaults
+    when None): the judge of :func:`nvseg_ray.preprocess.prepare`. Feed it
+    :func:`nvseg_ray.preprocess.to_meta_tensor` output; its ``Invertd`` is the judge of inversion."""
+    cfg = cfg or InferenceConfig()
+    lower, upper = cfg.percentiles
+    return Compose([
+        Spacingd("image", pixdim=list(cfg.spacing), mode="bilinear"),
+        CropForegroundd("image", source_key="image", margin=cfg.crop_margin, allow_smaller=True),
+        ScaleIntensityRangePercentilesd("image", lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
+        Orientationd("image", axcodes="RAS", labels=None),
         CastToTyped("image", dtype=torch.float32),
     ])
 
