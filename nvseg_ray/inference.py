@@ -169,6 +169,12 @@ def stitched_features(network: torch.nn.Module, image: torch.Tensor, cfg: Infere
     return out[0].float()
 
 
+def compact_label_dtype(max_id: int) -> torch.dtype:
+    """The smallest dtype that carries global class ids up to ``max_id`` across stages: uint8 (<= 255, e.g. every
+    CT_BODY and MRI_BODY id), else int16 (the catalog's ids end at 345). 8 or 4 times smaller than int64."""
+    return torch.uint8 if max_id <= 255 else torch.int16
+
+
 def argmax_over_classes(features: torch.Tensor, embeddings: torch.Tensor, class_ids: Sequence[int],
                         chunk_size: int) -> torch.Tensor:
     """Upstream's ``VistaPostTransformd`` on logits computed ``chunk_size`` classes at a time.
@@ -180,8 +186,8 @@ def argmax_over_classes(features: torch.Tensor, embeddings: torch.Tensor, class_
         chunk_size: classes evaluated at once.
 
     Returns:
-        [H, W, D] int64 label map of global ids; 0 where no class has a logit > 0. Among classes with
-        equal maximal logit the first prompt wins (``torch.argmax`` semantics).
+        [H, W, D] label map of global ids in :func:`compact_label_dtype`; 0 where no class has a logit > 0. Among
+        classes with equal maximal logit the first prompt wins (``torch.argmax`` semantics).
     """
     spatial = features.shape[1:]
     flat = features.reshape(features.shape[0], -1)  # [F, V]
@@ -194,7 +200,7 @@ def argmax_over_classes(features: torch.Tensor, embeddings: torch.Tensor, class_
         better = chunk_max > best
         best = torch.where(better, chunk_max, best)
         best_idx = torch.where(better, chunk_arg + (start + 1), best_idx)
-    lut = torch.as_tensor([0, *class_ids], dtype=torch.int64, device=flat.device)
+    lut = torch.as_tensor([0, *class_ids], dtype=compact_label_dtype(max(class_ids, default=0)), device=flat.device)
     return lut[best_idx].reshape(spatial)
 
 
@@ -211,7 +217,7 @@ def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Se
         should_stop: polled before every sliding window; True raises :class:`StopRequested`.
 
     Returns:
-        [H, W, D] int64 label map (global ids) on ``device``.
+        [H, W, D] label map (global ids, :func:`compact_label_dtype`) on ``device``.
     """
     embeddings = class_embeddings(network, class_ids, device)
 
@@ -220,7 +226,7 @@ def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Se
 
     with _autocast(device, cfg.amp):
         return stitch_in_slabs(image, AutoFeatures(network, should_stop), finish, cfg.patch_size, cfg.overlap,
-                               cfg.sw_batch_size, device)
+                               cfg.sw_batch_size, device, compact_label_dtype(max(class_ids, default=0)))
 
 
 @torch.inference_mode()
@@ -240,7 +246,7 @@ def segment_points(network: torch.nn.Module, image: torch.Tensor, class_id: int,
         should_stop: polled before every point window; True raises :class:`StopRequested`.
 
     Returns:
-        [H, W, D] int64 map with ``class_id`` where the logit > 0, else 0. Voxels no window covered are
+        [H, W, D] map (:func:`compact_label_dtype`) with ``class_id`` where the logit > 0, else 0. Voxels no window covered are
         0 (upstream writes 255 there, which collides with real class 255).
     """
     from monai.apps.vista3d.inferer import point_based_window_inferer
@@ -262,4 +268,4 @@ def segment_points(network: torch.nn.Module, image: torch.Tensor, class_id: int,
             transpose=True,
         )
     logits = torch.nan_to_num(logits[0, 0].float(), nan=-1.0)
-    return torch.where(logits > 0, class_id, 0).to(torch.int64)
+    return torch.where(logits > 0, class_id, 0).to(compact_label_dtype(class_id))

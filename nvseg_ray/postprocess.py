@@ -185,7 +185,7 @@ def label_statistics(labels: np.ndarray, affine: np.ndarray, names: Mapping[int,
     voxel_ml = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     counts = np.zeros(1, dtype=np.int64)
     for slab in labels:  # per first-axis slab: bincount's int64 working copy stays small
-        slab_counts = np.bincount(slab.ravel())
+        slab_counts = np.bincount(slab.ravel().astype(np.intp, copy=False))
         if len(slab_counts) > len(counts):
             counts = np.pad(counts, (0, len(slab_counts) - len(counts)))
         counts[: len(slab_counts)] += slab_counts

@@ -17,7 +17,7 @@ segment of a grid one window long), ``F`` = 48 feature channels and ``c`` = ``cl
     4 bytes x [ F x H x W x rD                     # the open segments: one window length of running sums
                 + F x rH x rW x rD x sw_batch_size  # the predictor's output for one batch of windows
                 + (c + 6) x H x W x sD ]            # labelling a final segment: a class chunk's logits, max/argmax
-    + 8 bytes x H x W x D                           # the int64 label map handed on (one value per voxel, not F)
+    + 1 byte x H x W x D                            # the uint8 label map handed on (int16, 2 bytes, for ids > 255)
 
 For 192 x 192 x 128 windows at overlap 0.25, one window per call, on a 256 x 256 in-plane grid that is about
 2.9 GiB + 0.5 MB per model-grid slice, where the whole-grid feature map (MONAI's stitching, used before) costs
@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 #: ``[B, C_in, rH, rW, rD] -> [B, F, rH, rW, rD]`` float32: the per-window feature predictor.
 Predictor = Callable[[torch.Tensor], torch.Tensor]
-#: ``[F, H, W, n] float32 (final, blended) -> [H, W, n] int64``: what turns a finished slab into labels.
+#: ``[F, H, W, n] float32 (final, blended) -> [H, W, n]`` integer labels: what turns a finished slab into labels.
 Finisher = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -76,7 +76,8 @@ def _axis_counts(size: int, roi: int, starts: Sequence[int], device: torch.devic
 
 
 def stitch_in_slabs(image: torch.Tensor, predictor: Predictor, finish: Finisher, roi_size: Sequence[int],
-                    overlap: float, sw_batch_size: int, device: torch.device) -> torch.Tensor:
+                    overlap: float, sw_batch_size: int, device: torch.device,
+                    label_dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Sliding-window ``predictor`` over ``image`` and ``finish`` each part of the blended output once it is final.
 
     The last axis is cut at every window start and end into segments; a window adds its output into the
@@ -92,9 +93,10 @@ def stitch_in_slabs(image: torch.Tensor, predictor: Predictor, finish: Finisher,
         overlap: MONAI's overlap fraction (same for every axis).
         sw_batch_size: windows per predictor call (grouped within one start along ``D``).
         device: where windows run and the open segments are accumulated.
+        label_dtype: dtype of the returned labels (what ``finish`` returns is cast into it).
 
     Returns:
-        [H, W, D] int64 labels on ``device`` (the grid of ``image``, padding removed).
+        [H, W, D] labels of ``label_dtype`` on ``device`` (the grid of ``image``, padding removed).
     """
     from monai.data.utils import dense_patch_slices
 
@@ -107,7 +109,7 @@ def stitch_in_slabs(image: torch.Tensor, predictor: Predictor, finish: Finisher,
                  * _axis_counts(size[1], roi[1], starts[1], device)[None, :])[:, :, None]  # [H, W, 1]
     counts_d = _axis_counts(size[2], roi[2], starts[2], device)  # [D]
     cuts = sorted({0, size[2], *starts[2], *(s + roi[2] for s in starts[2])})
-    labels = torch.zeros(size, dtype=torch.int64, device=device)
+    labels = torch.zeros(size, dtype=label_dtype, device=device)
     open_segments: dict[int, torch.Tensor] = {}  # segment start along D -> [F, H, W, length] running sums
     ends = dict(zip(cuts[:-1], cuts[1:]))
 

@@ -170,10 +170,11 @@ class ValidatedVolume:
     """A volume that passed :func:`validate_nifti`.
 
     Attributes:
-        image: 3-D nibabel image (a 4-D t=1 input is squeezed) whose data is ``array`` (shared, float32,
+        image: 3-D nibabel image (a 4-D t=1 input is squeezed) whose data is ``array`` (shared, its dtype,
             no scaling left in the header) and whose header is the (MONAI-corrected) source header.
-        array: float32, shape (X, Y, Z), C-contiguous, voxel values after ``scl_slope``/``scl_inter``
-            (e.g. CT in HU); identical to MONAI ``LoadImage(dtype=np.float32)`` output. Indexed in voxel
+        array: shape (X, Y, Z), voxel values after ``scl_slope``/``scl_inter`` (e.g. CT in HU), held once in the
+            stored dtype where every value is exact in float32 (:data:`KEPT_DTYPES`: an int16 CT stays int16), else
+            float32; equal in value to MONAI ``LoadImage(dtype=np.float32)`` output. Any memory order. Indexed in voxel
             space: ``array[i, j, k]`` is at world ``affine @ [i, j, k, 1]``.
         affine: float64 (4, 4), voxel index -> RAS+ world mm; identical to MONAI's ``meta["affine"]``.
         spacing: voxel edge lengths in mm along i, j, k (column norms of ``affine[:3, :3]``).
@@ -509,10 +510,17 @@ def _check_correction(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_float32(img: nib.Nifti1Image, *, uri: str) -> np.ndarray:
-    """Read voxels like MONAI: ``np.asanyarray(img.dataobj)`` (scaled by nibabel) cast to float32, C order.
+#: stored dtypes kept as they are: every value is exact in float32, so upstream's float32 cast changes nothing (an
+#: int16 CT is then held in 2 bytes per voxel, not 4). Others (int32, float64, ...) are cast to float32 like MONAI.
+KEPT_DTYPES = frozenset({"int8", "uint8", "int16", "uint16", "float32"})
 
-    Returns a new array, float32, shape ``img.shape``; raises ``truncated_file`` when the data cannot be read.
+
+def _read_voxels(img: nib.Nifti1Image, *, uri: str) -> np.ndarray:
+    """Read voxels like MONAI: ``np.asanyarray(img.dataobj)`` (scaled by nibabel), float32 values.
+
+    The array keeps its stored dtype where that is one of :data:`KEPT_DTYPES` (no scaling: nibabel then returns the
+    stored integers) -- the same values as MONAI's float32 cast, held once -- else it is cast to float32. Returns a
+    new array of shape ``img.shape`` (any memory order); raises ``truncated_file`` when the data cannot be read.
     """
     try:
         data = np.asanyarray(img.dataobj)
@@ -523,8 +531,10 @@ def _read_float32(img: nib.Nifti1Image, *, uri: str) -> np.ndarray:
             hint="The file was cut short (interrupted download/copy or a full disk). Copy or export it again.",
             uri=uri,
         ) from exc
+    if data.dtype.name in KEPT_DTYPES:
+        return data
     with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow -> Inf, reported by _check_finite
-        return np.array(data, dtype=np.float32, order="C")
+        return np.asarray(data, dtype=np.float32)
 
 
 def _check_finite(array: np.ndarray, *, uri: str) -> None:
@@ -553,7 +563,7 @@ def check_model_input(array: np.ndarray, *, uri: str) -> None:
     Only model inputs are checked (a label map may be all background), so :func:`validate_nifti` does not.
 
     Args:
-        array: (X, Y, Z) float32 voxel values (e.g. :attr:`ValidatedVolume.array`), finite.
+        array: (X, Y, Z) voxel values (e.g. :attr:`ValidatedVolume.array`), finite.
         uri: named in the message.
 
     Raises:
@@ -644,9 +654,9 @@ def check_point_prompts(points: Sequence[Sequence[float]] | None, point_labels: 
 
 
 def _output_image(corrected: nib.Nifti1Image, array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """3-D image holding ``array`` (float32, no scaling) with ``corrected``'s header and ``affine``."""
+    """3-D image holding ``array`` (its dtype, no scaling) with ``corrected``'s header and ``affine``."""
     header = corrected.header.copy()
-    header.set_data_dtype(np.float32)
+    header.set_data_dtype(array.dtype)
     return corrected.__class__(array, affine, header)
 
 
@@ -656,7 +666,7 @@ def _output_image(corrected: nib.Nifti1Image, array: np.ndarray, affine: np.ndar
 
 
 def validate_nifti(img: nib.Nifti1Image, *, uri: str, limits: VolumeLimits = VolumeLimits()) -> ValidatedVolume:
-    """Check a NIfTI image and return its float32 voxels and voxel->RAS+ world affine.
+    """Check a NIfTI image and return its voxels and voxel->RAS+ world affine.
 
     Header checks (nothing read): ``multi_volume``, ``not_3d``, ``unsupported_dtype``, ``too_large``,
     ``truncated_file`` (stored bytes < declared), ``qform_sform_mismatch``, ``invalid_spacing``,
@@ -668,8 +678,9 @@ def validate_nifti(img: nib.Nifti1Image, *, uri: str, limits: VolumeLimits = Vol
         limits: thresholds; see :class:`VolumeLimits`.
 
     Returns:
-        :class:`ValidatedVolume` with ``array`` float32 (X, Y, Z) and ``affine`` float64 (4, 4), identical
-        to MONAI 1.6 ``LoadImage(reader="NibabelReader", dtype=np.float32)`` (a 4-D t=1 input is squeezed).
+        :class:`ValidatedVolume` with ``array`` (X, Y, Z) (stored dtype or float32, see :class:`ValidatedVolume`)
+        and ``affine`` float64 (4, 4), equal to MONAI 1.6 ``LoadImage(reader="NibabelReader", dtype=np.float32)``
+        (a 4-D t=1 input is squeezed).
 
     Raises:
         InputError: with ``code`` in :data:`ERROR_CODES`.
@@ -684,10 +695,11 @@ def validate_nifti(img: nib.Nifti1Image, *, uri: str, limits: VolumeLimits = Vol
     corrected, affine = _corrected_affine(img, uri=uri)
     _check_correction(img.affine, affine, img, limits, uri=uri)
 
-    array = _read_float32(corrected, uri=uri)
+    array = _read_voxels(corrected, uri=uri)
     if array.ndim == 4:
         array = np.ascontiguousarray(array[..., 0])
-    _check_finite(array, uri=uri)
+    if array.dtype.kind == "f":
+        _check_finite(array, uri=uri)
     spacing = tuple(float(s) for s in _spacing_of(affine))
     return ValidatedVolume(
         image=_output_image(corrected, array, affine),

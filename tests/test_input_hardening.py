@@ -24,7 +24,8 @@ from nvseg_ray.inference import MAX_SLIDING_WINDOWS, check_window_count, sliding
 from nvseg_ray.labels import LabelCatalog, parse_class_list
 from nvseg_ray.model import build_network
 from nvseg_ray.output import earlier_claims, mask_uri
-from nvseg_ray.preprocess import build_preprocessing, check_model_grid, resampled_shape
+from nvseg_ray.preprocess import check_model_grid, resampled_shape
+from nvseg_ray.upstream import upstream_model_grid_chain
 from nvseg_ray.stages import VolumeStages
 
 from .model_helpers import TEST_PATCH, body_phantom, make_tiny_state_dict, save_volume
@@ -146,7 +147,7 @@ def test_resampled_shape_is_the_shape_spacingd_makes(linear: np.ndarray, shape: 
 
     affine = np.eye(4)
     affine[:3, :3] = linear
-    spacingd = build_preprocessing(InferenceConfig()).transforms[0]
+    spacingd = upstream_model_grid_chain(InferenceConfig()).transforms[0]
     out = spacingd({IMAGE_KEY: to_meta_tensor(np.zeros(shape, np.float32), affine)})[IMAGE_KEY]
     assert resampled_shape(shape, affine, (1.5, 1.5, 1.5)) == tuple(out.shape[1:])
 
