@@ -35,7 +35,8 @@ def invert_labels(labels: np.ndarray | torch.Tensor, prepared: PreparedVolume, d
         dtype: the returned array's dtype (the output file's; it must hold every label).
 
     Returns:
-        (X, Y, Z) label map of ``dtype`` on the input image's voxel grid. Voxels outside the cropped region are 0.
+        (X, Y, Z) label map of ``dtype`` on the input image's voxel grid, Fortran-ordered (NIfTI's voxel order).
+        Voxels outside the cropped region are 0.
     """
     grid = prepared.grid
     if isinstance(labels, torch.Tensor):
@@ -47,7 +48,7 @@ def invert_labels(labels: np.ndarray | torch.Tensor, prepared: PreparedVolume, d
     fast = separable_nearest_indices(grid.input_affine, grid.input_shape, current, grid.resampled_shape)
     if fast is None:  # geometry that cannot be split per axis: MONAI's full nearest resampling
         return _monai_nearest(cropped, grid, current).astype(dtype, copy=False)
-    out = np.zeros(grid.input_shape, dtype=dtype)
+    out = np.zeros(grid.input_shape, dtype=dtype, order="F")  # NIfTI's order: the writer then copies nothing
     targets, sources = [], []
     for axis in range(3):
         index = fast[axis].reshape(-1) - grid.crop_start[axis]
@@ -184,8 +185,11 @@ def label_statistics(labels: np.ndarray, affine: np.ndarray, names: Mapping[int,
     """
     voxel_ml = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     counts = np.zeros(1, dtype=np.int64)
-    for slab in labels:  # per first-axis slab: bincount's int64 working copy stays small
-        slab_counts = np.bincount(slab.ravel().astype(np.intp, copy=False))
+    axis = 2 if labels.flags.f_contiguous and not labels.flags.c_contiguous else 0  # the slowest-varying axis
+    step = max(1, (1 << 22) // max(1, labels.size // max(1, labels.shape[axis])))  # ~4 M voxels per slab
+    for start in range(0, labels.shape[axis], step):  # per slab: bincount's intp working copy stays small
+        slab = labels[start : start + step] if axis == 0 else labels[:, :, start : start + step]
+        slab_counts = np.bincount(slab.ravel(order="K").astype(np.intp, copy=False))
         if len(slab_counts) > len(counts):
             counts = np.pad(counts, (0, len(slab_counts) - len(counts)))
         counts[: len(slab_counts)] += slab_counts
