@@ -116,6 +116,8 @@ def _run_one(side: str, path: str, out_dir: str, patch_size: tuple[int, ...]) ->
         write_result(result, input_uri=path, output_uri=str(Path(out_dir) / "mask.nii.gz"), cfg=cfg,
                      model_uri="stand-in", model_sha256="0" * 64)
         shape, foreground = result.labels.shape, int((result.labels > 0).sum())
+        # each stage resets the kernel's high-water mark (per-stage peaks): the process peak is their maximum
+        stage_peaks = dict(result.timings.peak_rss_mb)
     else:
         from nvseg_ray.prompts import resolve_prompts
         from nvseg_ray.labels import LabelCatalog
@@ -126,10 +128,13 @@ def _run_one(side: str, path: str, out_dir: str, patch_size: tuple[int, ...]) ->
         data = upstream_infer(pre({"image": path, "label_prompt": list(ids)}), network, patch_size)
         data = upstream_postprocessing(pre, output_dir=out_dir)(data)
         shape, foreground = tuple(data["pred"].shape[1:]), int((data["pred"] > 0).sum())
+        stage_peaks = {}
         del data
     seconds = time.perf_counter() - start
-    return {"peak_rss_mb": round(peak_rss_mb(), 1), "baseline_rss_mb": round(base, 1), "seconds": round(seconds, 2),
-            "shape": list(shape), "foreground_voxels": foreground}
+    peak = max([peak_rss_mb(), *stage_peaks.values()])
+    return {"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(base, 1), "seconds": round(seconds, 2),
+            "stage_peak_rss_mb": {k: round(v, 1) for k, v in stage_peaks.items()}, "shape": list(shape),
+            "foreground_voxels": foreground}
 
 
 def main(argv: list[str] | None = None) -> int:

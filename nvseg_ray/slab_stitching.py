@@ -20,8 +20,9 @@ segment of a grid one window long), ``F`` = 48 feature channels and ``c`` = ``cl
     + 1 byte x H x W x D                            # the uint8 label map handed on (int16, 2 bytes, for ids > 255)
 
 For 192 x 192 x 128 windows at overlap 0.25, one window per call, on a 256 x 256 in-plane grid that is about
-2.9 GiB + 0.5 MB per model-grid slice, where the whole-grid feature map (MONAI's stitching, used before) costs
-12.6 MB per slice and upstream's 117-channel logits 30.7 MB per slice. ``benchmarks/bench_stitch_memory.py``
+2.9 GiB + 0.07 MB per model-grid slice (the uint8 labels; the float32 model grid it reads adds 0.26 MB), where
+the whole-grid feature map (MONAI's stitching, used before) costs 12.6 MB per slice and upstream's 117-channel
+logits 30.7 MB per slice. ``benchmarks/bench_stitch_memory.py``
 measures it.
 
 Per voxel the window outputs are summed in another order than MONAI's (by start along ``D`` first, MONAI by

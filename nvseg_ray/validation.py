@@ -23,6 +23,7 @@ with ``qform_sform_mismatch``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -193,6 +194,12 @@ class ValidatedVolume:
     uri: str
     source_dtype: str
     dicom: Any = None
+
+    def without_voxels(self) -> ValidatedVolume:
+        """A copy that keeps header, affine and metadata but no voxel data: what the stages after ``prepare`` need
+        (the mask's header, grid and report), so the input need not stay in memory while the model runs."""
+        header_only = type(self.image)(np.zeros((1, 1, 1), np.uint8), None, header=self.image.header.copy())
+        return dataclasses.replace(self, image=header_only, array=np.empty((0, 0, 0), self.array.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,14 +49,6 @@ def prompts_of(row: dict[str, Any], cfg: InferenceConfig) -> Prompts:
                    expand_subclasses=expands_subclasses(cfg))
 
 
-def without_voxels(volume: Any) -> Any:
-    """A copy of a :class:`ValidatedVolume` that keeps header, affine and metadata but no voxel data."""
-    import dataclasses
-
-    header_only = type(volume.image)(np.zeros((1, 1, 1), np.uint8), None, header=volume.image.header.copy())
-    return dataclasses.replace(volume, image=header_only, array=np.empty((0, 0, 0), np.float32))
-
-
 def preprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]:
     """Read, validate and prepare one volume (CPU). Fills ``model_input``, ``inversion``, ``volume``."""
     if row["status"] == STATUS_FAILED:
@@ -75,7 +67,7 @@ def preprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]:
             row["brain_ml"] = prepared.brain.brain_ml
         row["model_input"] = pickle.dumps(voxels, protocol=5)
         row["inversion"] = pickle.dumps(record, protocol=5)
-        row["volume"] = pickle.dumps(without_voxels(volume), protocol=5)
+        row["volume"] = pickle.dumps(volume.without_voxels(), protocol=5)
         row["input_shape"] = list(volume.shape)
         row["input_voxels"] = int(np.prod(volume.shape))
     except Exception as exc:
