@@ -98,9 +98,7 @@ class GridMap:
         inverts Spacing (resampled grid -> RAS mm). It equals :attr:`resampled_affine` up to float rounding; the
         rounding decides exact nearest-neighbour ties, so it is computed with MONAI's own operations, in order."""
         model = torch.as_tensor(self.model_affine, dtype=torch.float64)
-        cropped_affine = _matmul(torch.as_tensor(self.resampled_affine, dtype=torch.float64),
-                                 _translate(self.crop_start))
-        axcodes = nib.orientations.aff2axcodes(cropped_affine.numpy())
+        axcodes = nib.orientations.aff2axcodes(crop_affine(self.resampled_affine, self.crop_start))
         back = nib.orientations.ornt_transform(nib.io_orientation(model.numpy()),
                                                nib.orientations.axcodes2ornt(axcodes))
         undone = _matmul(model, torch.as_tensor(nib.orientations.inv_ornt_aff(back, self.model_shape)))
@@ -116,6 +114,11 @@ def _translate(shift: Sequence[float]) -> torch.Tensor:
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` in float64, as MONAI's ``track_transform_meta`` updates a MetaTensor's affine."""
     return a.to(torch.float64) @ b.to(torch.float64)
+
+
+def crop_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
+    """The affine of a crop starting at voxel ``start``, as MONAI's crop computes it (``affine @ translate``)."""
+    return _matmul(torch.as_tensor(affine, dtype=torch.float64), _translate(start)).numpy()
 
 
 def spacing_target(shape: Sequence[int], affine: np.ndarray,
@@ -197,9 +200,7 @@ def _lerp_axis(block: np.ndarray, weights: _AxisWeights, first: int, axis: int) 
     shape = [1, 1, 1]
     shape[axis] = -1
     w = weights.w.reshape(shape)
-    out = np.take(block, weights.lo - first, axis=axis).astype(np.float64, copy=False)
-    if out.base is not None or out.dtype != np.float64:
-        out = np.array(out, dtype=np.float64)
+    out = np.asarray(np.take(block, weights.lo - first, axis=axis), dtype=np.float64)
     out *= 1.0 - w
     out += np.take(block, weights.hi - first, axis=axis) * w
     return out
@@ -247,8 +248,8 @@ def resample_separable(array: np.ndarray, scale: np.ndarray, shift: np.ndarray,
     positive = [np.zeros(len(r), dtype=bool) for r in region]
     in_plane = [_axis_weights(float(scale[a]), float(shift[a]), region[a], n_src[a]) for a in (0, 1)]
     spans = [source_span(w) for w in in_plane]
-    # shrink the most first: each later pass then reads fewer voxels
-    order = sorted(range(3), key=lambda a: scale[a] and 1.0 / float(scale[a]))
+    # the axis that shrinks most (largest input voxels per output voxel) first: later passes read fewer voxels
+    order = sorted(range(3), key=lambda a: -float(scale[a]))
     for z0 in range(0, len(region[2]), SLAB_SLICES):
         z_range = range(region[2].start + z0, min(region[2].start + z0 + SLAB_SLICES, region[2].stop))
         axis_weights = [*in_plane, _axis_weights(float(scale[2]), float(shift[2]), z_range, n_src[2])]

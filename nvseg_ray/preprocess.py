@@ -29,6 +29,7 @@ from .errors import InputError
 from .io import too_large_error
 from .model_grid import (
     GridMap,
+    crop_affine,
     foreground_box,
     input_foreground_box,
     is_unchanged,
@@ -234,9 +235,7 @@ def prepare(array: np.ndarray, affine: np.ndarray, cfg: InferenceConfig, *, uri:
         raise _empty_after_resampling(array, cfg, uri)
     start, end = box
     cropped = values[tuple(slice(s - o, e - o) for s, e, o in zip(start, end, offset))]
-    cropped_affine = (torch.as_tensor(resampled_affine, dtype=torch.float64)
-                      @ torch.as_tensor(_translation(start))).numpy()
-    ornt, model_affine = orientation_to_ras(cropped_affine, cropped.shape)
+    ornt, model_affine = orientation_to_ras(crop_affine(resampled_affine, start), cropped.shape)
     grid = GridMap(input_shape=tuple(int(s) for s in array.shape), input_affine=affine,  # type: ignore[arg-type]
                    resampled_shape=out_shape, resampled_affine=resampled_affine, crop_start=start, crop_end=end,
                    ornt=ornt, model_affine=model_affine)
@@ -252,8 +251,3 @@ def prepare(array: np.ndarray, affine: np.ndarray, cfg: InferenceConfig, *, uri:
         prepared.point_labels = torch.as_tensor(labels, dtype=torch.int64)
     return prepared
 
-
-def _translation(shift) -> np.ndarray:  # noqa: ANN001 - a sequence of 3 numbers
-    out = np.eye(4)
-    out[:3, 3] = shift
-    return out
