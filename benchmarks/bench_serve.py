@@ -448,7 +448,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:  # noqa: PLR09
         segment()
     prepared = processor.prepare(file_bytes, path.name, cfg, prompts)
     model_grid = list(prepared.prepared.image.shape[1:])
-    in_shape = list(direct_result.volume.image.shape[:3])
+    in_shape = list(direct_result.volume.shape)
     n_params = sum(p.numel() for p in runner.model.network.parameters())
     log(args, f"input: {path.name} {in_shape} @ {args.spacing if synthetic_input else 'given'} mm, "
                f"{len(file_bytes) / 1024:.0f} kB; model grid {model_grid}; patch {list(cfg.patch_size)}")
