@@ -46,7 +46,7 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: ``output.format`` values of the inference API.
-OUTPUT_FORMATS = ("nrrd_zip", "nifti", "json")
+OUTPUT_FORMATS = ("nrrd_zip", "nifti", "json", "preview")
 #: Job states after which :meth:`NvsegClient.wait` returns.
 TERMINAL_JOB_STATUSES = ("succeeded", "failed")
 

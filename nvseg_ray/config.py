@@ -158,6 +158,30 @@ class DicomConfig(BaseModel):
                                                     "Storage (every viewer); labelmap: Label Map SEG (smaller, newer)")
 
 
+class QualityConfig(BaseModel):
+    """What is computed and written next to each mask to judge it (:mod:`nvseg_ray.quality`). None of it changes
+    the mask, so none of it is part of a volume's resume key."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    qc: bool = Field(True, description="per-structure statistics (volume, intensities in the input's units, bounding "
+                     "box, cut by the field of view) and the QC flags, in the JSON report; costs well under a second "
+                     "per volume next to several CPU-seconds of the other stages")
+    preview: bool | None = Field(None, description="one PNG per volume (axial, coronal, sagittal slices with the "
+                                 "labels overlaid) next to the mask; None = on in the batch job (a run of thousands "
+                                 "of volumes is judged from pictures), off for `nvseg segment` and Serve (which "
+                                 "returns it on request)")
+    colour_tables: bool = Field(True, description="a 3D Slicer colour table (.ctbl) and an ITK-SNAP label "
+                                "description (.itksnap.txt) next to each NIfTI mask, so viewers show names and "
+                                "colours")
+
+    @property
+    def needs_voxels(self) -> bool:
+        """Whether the input's voxels must outlive ``prepare`` (intensity statistics, the intensity flag, the
+        preview's grey background); otherwise they are dropped before the model runs."""
+        return self.qc or bool(self.preview)
+
+
 class InferenceConfig(BaseModel):
     """Everything that decides what the engine computes and where it writes.
 
@@ -203,6 +227,8 @@ class InferenceConfig(BaseModel):
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. S3 endpoint")
     brain: BrainConfig = Field(default_factory=BrainConfig, description="brain T1 workflow (modality MRI_BRAIN)")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="QC statistics, flags, preview and "
+                                   "viewer colour tables next to each mask")
 
     _check_patch = field_validator("patch_size")(lambda cls, v: check_patch_size(v))
     _check_spacing = field_validator("spacing")(lambda cls, v: check_spacing(v))

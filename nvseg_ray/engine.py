@@ -34,6 +34,7 @@ def segment_volume(source: str | DicomSeries, stages: VolumeStages, runner: Mode
     timings = StageTimings()
     volume = stages.read(source, timings)
     prepared = stages.prepare(volume, timings, modality=prompts.modality)
-    volume = volume.without_voxels()  # the input is not needed past prepare: free it before the model runs
+    if not stages.keeps_voxels:  # the input is not needed past prepare: free it before the model runs
+        volume = volume.without_voxels()
     labels = runner.infer(prepared, prompts, timings)
     return stages.finish(labels, prepared, volume, prompts, timings)

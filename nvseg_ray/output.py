@@ -6,7 +6,9 @@ Layout (upstream's ``SaveImaged`` with ``separate_folder`` and postfix ``trans``
 * ``flat``:             ``<output_dir>/<rel_dir>/<stem>_<postfix>.nii.gz``
 
 Next to every mask: ``<mask name without .nii.gz>.json`` with the label table, prompts, model
-checksum, timings and versions.
+checksum, timings, versions and the QC record (statistics per structure, QC flags); ``.preview.png`` (when the
+preview is on); ``.ctbl`` (3D Slicer colour table) and ``.itksnap.txt`` (ITK-SNAP label description), so the mask
+opens in those viewers with names and colours.
 
 A DICOM series is named by its SeriesInstanceUID inside a folder of its StudyInstanceUID
 (``<output_dir>/<study uid>/<series uid>/<series uid>_<postfix>.nii.gz``), never by anything from the patient; its
@@ -38,6 +40,7 @@ from .timing import StageTimings, timed
 
 NIFTI_SUFFIX = ".nii.gz"
 SEG_SUFFIX = ".seg.dcm"
+PREVIEW_SUFFIX = ".preview.png"
 REPORT_FORMAT = "nvseg-segmentation-report/1"
 
 
@@ -121,9 +124,43 @@ def duplicate_output_error(input_uri: str, earlier_uri: str, output_uri: str) ->
     )
 
 
+def _sibling(mask: str, suffix: str) -> str:
+    """``.../scan_trans.nii.gz`` -> ``.../scan_trans<suffix>`` (a report path ``.json`` loses its suffix too)."""
+    for known in (NIFTI_SUFFIX, ".json"):
+        if mask.endswith(known):
+            return mask[: -len(known)] + suffix
+    return mask + suffix
+
+
 def report_uri(mask: str) -> str:
     """``.../scan_trans.nii.gz`` -> ``.../scan_trans.json``."""
     return mask[: -len(NIFTI_SUFFIX)] + ".json" if mask.endswith(NIFTI_SUFFIX) else mask + ".json"
+
+
+def preview_uri(mask: str) -> str:
+    """``.../scan_trans.nii.gz`` (or its ``.json`` report) -> ``.../scan_trans.preview.png``."""
+    return _sibling(mask, PREVIEW_SUFFIX)
+
+
+def colour_table_uris(mask: str) -> dict[str, str]:
+    """The viewer label tables of a NIfTI mask: ``{"slicer": ....ctbl, "itksnap": ....itksnap.txt}``."""
+    from .quality.colour_tables import COLOUR_TABLE_SUFFIXES
+
+    return {viewer: _sibling(mask, suffix) for viewer, suffix in COLOUR_TABLE_SUFFIXES.items()}
+
+
+def write_colour_tables(mask: str, class_ids: Iterable[int], catalog: LabelCatalog, *,
+                        storage_options: dict[str, Any] | None = None, overwrite: bool = True) -> dict[str, str]:
+    """Write the 3D Slicer colour table and the ITK-SNAP label description of a mask of ``class_ids`` next to it
+    (the catalog's names and the DICOM SEG's display colours); returns their URIs by viewer."""
+    from .quality.colour_tables import itksnap_label_description, slicer_color_table
+
+    ids = sorted({int(i) for i in class_ids})
+    texts = {"slicer": slicer_color_table(catalog, ids), "itksnap": itksnap_label_description(catalog, ids)}
+    uris = colour_table_uris(mask)
+    for viewer, text in texts.items():
+        write_bytes_atomic(text.encode(), uris[viewer], storage_options, overwrite=overwrite)
+    return {viewer: redact_uri(uri) for viewer, uri in uris.items()}
 
 
 def mask_image(result: SegmentationResult) -> nib.Nifti1Image:
@@ -190,6 +227,8 @@ def build_report(result: SegmentationResult, *, input_uri: str, output_uri: str,
             "peak_rss_mb": {k: round(v, 1) for k, v in result.timings.peak_rss_mb.items()}}
            if isinstance(result.timings, StageTimings) else {}),
         "versions": package_versions(),
+        # statistics per structure (intensities in the input's units), the QC flags with their reasons
+        **({"quality": result.quality.to_json()} if result.quality is not None and cfg.quality.qc else {}),
         # brain workflow: the template, the world transform (template -> input, 4x4 RAS) and the quality figures,
         # so other images of the same scan can be mapped the same way
         **({"brain": result.brain} if result.brain is not None else {}),
@@ -262,14 +301,26 @@ def write_outputs(result: SegmentationResult, *, input_uri: str, output_uri: str
     """
     if report_target is None and output_uri is not None:
         report_target = report_uri(output_uri)
+    preview = result.quality.preview if result.quality is not None else None
+    preview_target = preview_uri(output_uri or report_target) if preview and (output_uri or report_target) else None
+    tables = output_uri is not None and cfg.quality.colour_tables
+    written: dict[str, Any] = {}
     with timed(result.timings, "write"):
         if not overwrite:
-            for target in (output_uri, report_target, seg_target):
+            extra_targets = list(colour_table_uris(output_uri).values()) if tables else []
+            for target in (output_uri, report_target, seg_target, preview_target, *extra_targets):
                 if target and not _is_dicomweb(target):
                     refuse_existing(target, cfg.storage_options, with_report=False)
         if output_uri is not None:
             data = encode_nifti(mask_image(result), compresslevel=cfg.compresslevel)
             write_bytes_atomic(data, output_uri, cfg.storage_options, overwrite=overwrite)
+        if preview_target is not None:
+            write_bytes_atomic(preview, preview_target, cfg.storage_options, overwrite=overwrite)
+            written["preview"] = {"uri": redact_uri(preview_target), "bytes": len(preview)}
+        if tables:
+            written["viewer_tables"] = write_colour_tables(
+                output_uri, result.prompts.class_ids, catalog or LabelCatalog.load(cfg.label_catalog),
+                storage_options=cfg.storage_options, overwrite=overwrite)
     seg = None
     if seg_target is not None:  # timed on its own: building a SEG costs more than encoding a NIfTI
         with timed(result.timings, "seg"):
@@ -280,6 +331,7 @@ def write_outputs(result: SegmentationResult, *, input_uri: str, output_uri: str
     dicom = dicom_report(result)
     if dicom is not None:
         report["dicom"] = {**dicom, **({"seg": seg} if seg else {})}
+    report.update(written)
     report.update(extra or {})
     if report_target is not None:
         write_json(report, report_target, cfg.storage_options, overwrite=overwrite)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -44,6 +45,8 @@ class SegmentationResult:
             :class:`~nvseg_ray.timing.StageTimings` (CPU seconds and peak memory per stage too) when the stages were
             run by :func:`nvseg_ray.engine.segment_volume` or the batch job.
         brain: the brain workflow record as JSON (:class:`nvseg_ray.brain.BrainRecord`), or None.
+        quality: statistics per structure, QC flags and the preview (:class:`nvseg_ray.quality.assess.QualityRecord`),
+            or None when ``cfg.quality`` asks for none of them.
     """
 
     labels: np.ndarray
@@ -52,6 +55,7 @@ class SegmentationResult:
     statistics: list[dict]
     timings: dict[str, float] = field(default_factory=dict)
     brain: dict | None = None
+    quality: Any = None  # QualityRecord; Any keeps nvseg_ray.quality out of this module's imports
 
 
 class VolumeStages:
@@ -67,6 +71,13 @@ class VolumeStages:
         self.cfg = cfg
         self.catalog = catalog or LabelCatalog.load(cfg.label_catalog)
         self.limits = VolumeLimits(max_voxels=cfg.max_voxels)
+
+    @property
+    def keeps_voxels(self) -> bool:
+        """Whether the input's voxels must reach :meth:`finish` (QC intensities, the preview); when False, callers
+        drop them after :meth:`prepare` (``ValidatedVolume.without_voxels``) so they are not held while the model
+        runs."""
+        return self.cfg.quality.needs_voxels
 
     def read(self, source: str | DicomSeries, timings: dict[str, float] | None = None) -> ValidatedVolume:
         """Read and validate one NIfTI volume, or assemble and validate one DICOM series (CPU).
@@ -141,8 +152,12 @@ class VolumeStages:
             volume: the validated input the mask lands on.
             prompts: what was segmented (names and the output dtype's range come from its class ids).
 
+        With ``cfg.quality`` (on by default) the mask's QC follows, timed as ``qc``: statistics per structure (with
+        intensities from ``volume.array`` when the voxels were kept, see :attr:`keeps_voxels`), the QC flags, and the
+        preview when ``cfg.quality.preview`` is true.
+
         Returns:
-            The mask on the input grid, (X, Y, Z) in ``cfg.output_dtype``, with its label statistics.
+            The mask on the input grid, (X, Y, Z) in ``cfg.output_dtype``, with its label statistics and QC record.
         """
         timings = timings if timings is not None else {}
         with timed(timings, "postprocess"):
@@ -157,5 +172,29 @@ class VolumeStages:
             out = cast_labels(on_input, self.cfg.output_dtype, max_label)  # no copy unless the brain path changed it
             names = {i: self.catalog.name(i) for i in prompts.class_ids}
             stats = label_statistics(on_input, volume.affine, names)
+        quality = self.assess(out, volume, prompts, timings)
+        if quality is not None:
+            cut = {s.id for s in quality.structures if s.cut_by_fov}
+            for entry in stats:  # a structure cut by the field of view: its volume is a lower bound
+                entry["cut_by_fov"] = entry["id"] in cut
         return SegmentationResult(labels=out, volume=volume, prompts=prompts, statistics=stats, timings=timings,
-                                  brain=prepared.brain.to_json() if prepared.brain is not None else None)
+                                  brain=prepared.brain.to_json() if prepared.brain is not None else None,
+                                  quality=quality)
+
+    def assess(self, labels: np.ndarray, volume: ValidatedVolume, prompts: Prompts,
+               timings: dict[str, float] | None = None) -> Any:
+        """The QC of a finished mask (``labels`` (X, Y, Z) on ``volume``'s grid): a
+        :class:`~nvseg_ray.quality.assess.QualityRecord`, or None when ``cfg.quality`` asks for nothing."""
+        settings = self.cfg.quality
+        if not (settings.qc or settings.preview):
+            return None
+        from .quality.assess import QualityRecord, assess, render_result_preview
+
+        intensities = volume.array if volume.array.size else None
+        with timed(timings if timings is not None else {}, "qc"):
+            record = (assess(labels, intensities, volume.affine, self.catalog, prompts) if settings.qc
+                      else QualityRecord(structures=[], flags=[]))
+            if settings.preview:
+                record.preview = render_result_preview(labels, intensities, volume.affine, self.catalog,
+                                                       prompts.modality, record.structures if settings.qc else None)
+        return record

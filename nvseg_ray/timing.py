@@ -21,7 +21,7 @@ from contextlib import contextmanager
 __all__ = ["STAGES", "StageTimings", "peak_rss_mb", "timed"]
 
 #: The stages every volume goes through, in order (reports, CLI summaries and the batch manifest's columns).
-STAGES = ("read", "preprocess", "infer", "postprocess", "write", "seg")
+STAGES = ("read", "preprocess", "infer", "postprocess", "qc", "write", "seg")
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"

@@ -50,6 +50,7 @@ from nvseg_ray.output import mask_image, refuse_existing, write_result
 from nvseg_ray.serving.dicom_input import dicomweb_series, is_zip_upload, seg_response_bytes, with_uploaded_series
 from nvseg_ray.redaction import redact, redact_text, redact_uri
 from nvseg_ray.serving.auth import AuthGate, BearerAuthMiddleware
+from nvseg_ray.quality.assess import preview_png
 from nvseg_ray.serving.encode import MEDIA_TYPES, content_disposition, nifti_gz, nrrd_zip
 from nvseg_ray.serving.fetch import check_source, fetch_image
 from nvseg_ray.serving.prefixes import check_output_uri
@@ -311,7 +312,12 @@ class Gateway:
         if fmt == "json":
             return JSONResponse({"labels": table, "prompts": {"class_ids": list(result.prompts.class_ids)},
                                  "modality": result.prompts.modality, "shape": list(result.labels.shape),
-                                 "timings_s": {k: round(v, 4) for k, v in result.timings.items()}})
+                                 "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+                                 **({"quality": result.quality.to_json()} if result.quality is not None else {})})
+        if fmt == "preview":  # rendered on request (the input's voxels are still held by the request)
+            png = preview_png(result, self.processor.catalog)
+            return Response(png, media_type=MEDIA_TYPES["preview"],
+                            headers={"Content-Disposition": content_disposition(f"{request.name}_preview.png")})
         if fmt == "nifti":
             names = json.dumps({str(r["id"]): r["name"] for r in table}, separators=(",", ":"))
             return Response(nifti_gz(mask_image(result)), media_type=MEDIA_TYPES["nifti"],
@@ -370,9 +376,9 @@ class Gateway:
             if len(raw) > limit:
                 raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes",
                                       hint="send a gzip-compressed volume, or POST /v1/jobs with an s3:// URI")
-            if output not in ("nifti", "nrrd_zip", "json", "dicom-seg"):
-                raise ConfigError(f"unknown output '{output}'", hint="use nifti, nrrd_zip, json or dicom-seg (for a "
-                                  "zip of a DICOM series)")
+            if output not in ("nifti", "nrrd_zip", "json", "dicom-seg", "preview"):
+                raise ConfigError(f"unknown output '{output}'", hint="use nifti, nrrd_zip, json, preview (a PNG) or "
+                                  "dicom-seg (for a zip of a DICOM series)")
             pts = parse_form_points(points)
             labels = parse_form_labels(point_labels)
             if labels is not None and pts is None:

@@ -7,7 +7,8 @@
 Starts a local Ray when none is reachable (``RAY_ADDRESS`` / ``--ray-address`` select a cluster). Exit
 status: 0 when no more than ``--max-failures`` volumes failed, 3 otherwise; 2 bad options; 4 checkpoint;
 5 storage; 1 internal error. The run manifest (Parquet) and summary (JSON) land in
-``<output>/_nvseg_runs/<run>/``.
+``<output>/_nvseg_runs/<run>/``, with the statistics table (``structures.parquet``) and the browsable run report
+(``report.html``; rebuild it with ``nvseg report RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ JOB_PROG = "batch_segment"
 _BATCH_FLAGS = ("input", "output", "run_dir", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
                 "min_actors", "max_actors", "model_node_resource", "cpu_node_resource", "max_in_flight", "max_attempts",
                 "max_failures", "progress_interval_s", "progress_bars", "wait_for_resources", "run_name",
-                "ray_address")
+                "ray_address", "run_report", "cost_per_node_hour")
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +65,10 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
                    help="let requests no node can satisfy (--model-gpus, --stage-memory-gb, ...) wait for an "
                         "autoscaler instead of failing at once with exit 2 (default: wait only under KubeRay)")
     g.add_argument("--run-name", help="manifest folder name under <output>/_nvseg_runs/")
+    g.add_argument("--no-run-report", dest="run_report", action="store_const", const=False,
+                   help="do not write <output>/_nvseg_runs/<run>/report.html")
+    g.add_argument("--cost-per-node-hour", type=float,
+                   help="price of a node-hour: the summary and the run report show the cost per volume")
     g.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL for all workers)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

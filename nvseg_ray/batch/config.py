@@ -21,6 +21,9 @@ DEFAULT_MAX_ACTORS = 1
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_FAILURES = 0
 DEFAULT_PROGRESS_INTERVAL_S = 10.0
+#: The batch job renders a preview per volume unless told not to (``--no-preview``): a team that segments thousands
+#: of scans judges them from pictures in the run report, and a preview costs well under 0.1 s per volume.
+DEFAULT_BATCH_PREVIEW = True
 #: Ray resource a model node advertises (``ray start --resources '{"nvseg_model_node": 1}'``); empty = any node.
 DEFAULT_MODEL_NODE_RESOURCE = ""
 
@@ -59,6 +62,9 @@ class BatchConfig(BaseModel):
         None, description="let resource requests no node can satisfy wait for an autoscaler to add nodes; "
         "False fails fast (exit 2) before any work; None = wait only under KubeRay (its autoscaler)")
     run_name: str | None = Field(None, description="name of this run's manifest folder; default: a timestamp")
+    run_report: bool = Field(True, description="write the browsable run report <run folder>/report.html")
+    cost_per_node_hour: float | None = Field(None, ge=0, description="price of one node for an hour (any currency): "
+                                             "the summary and the run report then show the cost per volume")
     ray_address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local Ray")
 
     @property
@@ -72,6 +78,12 @@ class BatchConfig(BaseModel):
         from ..dicom.dicomweb import is_dicomweb_url
 
         return self.output if is_dicomweb_url(self.output) else None
+
+    @model_validator(mode="after")
+    def _batch_preview(self) -> BatchConfig:
+        if self.inference.quality.preview is None:
+            self.inference.quality.preview = DEFAULT_BATCH_PREVIEW
+        return self
 
     @model_validator(mode="after")
     def _actors_ordered(self) -> BatchConfig:

@@ -14,6 +14,8 @@ from .rows import MANIFEST_COLUMNS, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, TI
 
 #: folder under the output prefix holding one sub-folder per run.
 RUNS_DIR = "_nvseg_runs"
+#: the run's statistics table: one row per volume segmented in the run and structure (pandas / DuckDB ready).
+STRUCTURES_NAME = "structures.parquet"
 
 
 @dataclass
@@ -65,11 +67,17 @@ def _redacted(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def summarize(frame, *, wall_s: float, run_name: str, manifest_uri: str, n_actors: int) -> dict[str, Any]:
-    """Counts, throughput and per-stage totals of a run."""
+def summarize(frame, *, wall_s: float, run_name: str, manifest_uri: str, n_actors: int, nodes: int = 1,
+              cost_per_node_hour: float | None = None) -> dict[str, Any]:
+    """Counts, throughput, per-stage totals, QC flag counts and (with ``cost_per_node_hour``) the cost of a run.
+
+    The cost is the run's node-hours (``wall_s`` x ``nodes``, the Ray nodes that ran a stage) at the given price,
+    per volume segmented."""
     counts = frame["status"].value_counts().to_dict()
     processed = frame[frame["status"] == STATUS_OK]
     infer_s = float(processed["t_infer"].sum())
+    flags = Counter(code for codes in processed["qc_flags"] for code in str(codes or "").split(",") if code)
+    cost = None if cost_per_node_hour is None else round(wall_s / 3600 * nodes * cost_per_node_hour, 6)
     return {
         "run": run_name,
         "manifest": redact_uri(manifest_uri),
@@ -82,13 +90,39 @@ def summarize(frame, *, wall_s: float, run_name: str, manifest_uri: str, n_actor
         "stage_seconds": {c: round(float(processed[c].sum()), 3) for c in TIMING_COLUMNS},
         "model_busy_fraction": round(infer_s / (wall_s * max(n_actors, 1)), 4) if wall_s > 0 else 0.0,
         "errors": frame.loc[frame["status"] == STATUS_FAILED, "error_code"].value_counts().to_dict(),
+        "qc_flags": dict(sorted(flags.items())),
+        "flagged": int(sum(bool(codes) for codes in processed["qc_flags"])),
+        "nodes": int(nodes),
+        "cost_per_node_hour": cost_per_node_hour,
+        "cost": cost,
+        "cost_per_volume": round(cost / len(processed), 6) if cost is not None and len(processed) else None,
     }
 
 
 def run_uris(output: str, run_name: str) -> tuple[str, str]:
     """``(<output>/_nvseg_runs/<run>/manifest.parquet, .../summary.json)``."""
-    base = join_uri(output, RUNS_DIR, run_name)
+    base = run_folder(output, run_name)
     return join_uri(base, "manifest.parquet"), join_uri(base, "summary.json")
+
+
+def run_folder(output: str, run_name: str) -> str:
+    """``<output>/_nvseg_runs/<run>``: the run's manifest, summary, statistics table and report."""
+    return join_uri(output, RUNS_DIR, run_name)
+
+
+def write_structures_table(rows: list[dict[str, Any]], output: str, run_name: str,
+                           storage_options: dict | None = None) -> str:
+    """Write the run's statistics table (:data:`STRUCTURES_NAME`, one row per volume and structure) atomically;
+    returns its URI. ``rows`` are :meth:`nvseg_ray.quality.assess.QualityRecord.table_rows` rows."""
+    import pyarrow.parquet as pq
+
+    from ..quality.statistics import statistics_table
+
+    uri = join_uri(run_folder(output, run_name), STRUCTURES_NAME)
+    buffer = _io.BytesIO()
+    pq.write_table(statistics_table(rows), buffer)
+    write_bytes_atomic(buffer.getvalue(), uri, storage_options)
+    return uri
 
 
 def write_manifest(frame, summary: dict[str, Any], output: str, run_name: str,
@@ -111,10 +145,18 @@ def format_summary(frame, summary: dict[str, Any], *, max_failures_shown: int = 
         "stage seconds (sum over processed volumes): "
         + ", ".join(f"{k[2:]} {v:.1f}" for k, v in summary["stage_seconds"].items()),
     ]
+    if summary.get("flagged"):
+        lines.append(f"QC: {summary['flagged']} volume(s) flagged -- "
+                     + ", ".join(f"{code} {n}" for code, n in summary["qc_flags"].items()))
+    if summary.get("cost_per_volume") is not None:
+        lines.append(f"cost: {summary['cost']:.4f} for the run, {summary['cost_per_volume']:.4f} per volume "
+                     f"({summary['nodes']} node(s) at {summary['cost_per_node_hour']:g} per node-hour)")
     failed = frame[frame["status"] == STATUS_FAILED]
     for _, row in failed.head(max_failures_shown).iterrows():
         lines.append(f"  FAILED {row['uri']}: [{row['error_code']}] {row['error_message']}")
     if len(failed) > max_failures_shown:
         lines.append(f"  ... and {len(failed) - max_failures_shown} more (see the manifest)")
     lines.append(f"manifest: {summary['manifest']}")
+    if summary.get("report"):
+        lines.append(f"run report: {summary['report']}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ pods get them from a Kubernetes Secret or an instance role); only non-secret set
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -33,15 +34,18 @@ from typing import Any, Callable
 from ..config import InferenceConfig
 from ..errors import EXIT_VOLUMES_FAILED, ConfigError, ModelActorsUnavailable
 from ..labels import LabelCatalog
+from ..boundary import describe_exception
+from ..io import write_json
 from ..raytools import CODE_PIPELINE_ERROR, ensure_ray, forwarded_env, runtime_env, stopped_message
-from ..redaction import redact_text
+from ..redaction import redact_text, redact_uri
 from ..stages import VolumeStages
 from .admission import IN_FLIGHT_PER_ACTOR, InFlightWindow, default_in_flight
 from .config import BatchConfig
 from .inputs import discover
-from .manifest import Progress, format_summary, manifest_frame, run_uris, summarize, write_manifest
+from .manifest import (Progress, format_summary, manifest_frame, run_folder, run_uris, summarize, write_manifest,
+                       write_structures_table)
 from .plan import checkpoint_identity, plan_rows
-from .rows import STATUS_PENDING, fail_row
+from .rows import STATUS_PENDING, STRUCTURES_COLUMN, fail_row
 from .stages import CODE_INTERNAL, ModelStage, postprocess_row, preprocess_row
 
 #: a volume's task or actor was lost (its worker or node died) more often than ``max_attempts`` allows.
@@ -191,12 +195,40 @@ def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> Batch
     frame = manifest_frame(finished)
     wall = time.monotonic() - started
     summary = summarize(frame, wall_s=wall, run_name=run_name, manifest_uri=run_uris(cfg.files_root, run_name)[0],
-                        n_actors=n_actors)
+                        n_actors=n_actors, nodes=_nodes_used(frame), cost_per_node_hour=cfg.cost_per_node_hour)
     summary["in_flight"] = in_flight
-    write_manifest(frame, summary, cfg.files_root, run_name, inf.storage_options)
+    structures = [entry for row in finished for entry in json.loads(row.get(STRUCTURES_COLUMN) or b"[]")]
+    summary["structures"] = redact_uri(write_structures_table(structures, cfg.files_root, run_name,
+                                                              inf.storage_options))
+    manifest_uri, summary_uri = write_manifest(frame, summary, cfg.files_root, run_name, inf.storage_options)
+    if cfg.run_report:
+        summary["report"] = _write_report(run_folder(cfg.files_root, run_name), cfg, echo)
+        if summary["report"]:
+            write_json(summary, summary_uri, inf.storage_options)
     echo(format_summary(frame, summary))
     too_many = cfg.max_failures >= 0 and summary["failed"] > cfg.max_failures
     return BatchResult(frame, summary, EXIT_VOLUMES_FAILED if too_many else 0)
+
+
+def _nodes_used(frame: Any) -> int:
+    """How many Ray nodes ran a stage of the run (at least 1: the driver's), for the cost per volume."""
+    columns = [c for c in ("preprocess_node", "model_node", "postprocess_node") if c in frame]
+    used = {node for column in columns for node in frame[column] if node}
+    return max(1, len(used))
+
+
+def _write_report(run_dir: str, cfg: BatchConfig, echo: Callable[[str], None]) -> str | None:
+    """Write the run's ``report.html`` from the manifest just written; a problem is told, never fatal (the masks
+    and the manifest are what the run is for, and ``nvseg report RUN_DIR`` writes the report again)."""
+    from .run_report import write_run_report
+
+    try:
+        return redact_uri(write_run_report(run_dir, cfg.inference.storage_options,
+                                           cost_per_node_hour=cfg.cost_per_node_hour))
+    except Exception as exc:  # noqa: BLE001 - the report is a convenience over the manifest
+        echo(f"[nvseg] the run report could not be written ({redact_text(describe_exception(exc))}); "
+             f"rebuild it with: nvseg report {redact_uri(run_dir)}")
+        return None
 
 
 @dataclass

@@ -119,17 +119,29 @@ def _apply_resume(rows: list[dict], cfg: InferenceConfig) -> None:
         if row is None:
             continue
         try:
-            previous = json.loads(raw).get("resume_key")
+            report = json.loads(raw)
+            previous = report.get("resume_key")
         except (ValueError, AttributeError):
-            previous = None
+            report, previous = {}, None
         if previous == row["resume_key"]:
             row["status"] = STATUS_SKIPPED
+            _carry_quality(row, report)
         elif row["settings_key"] and row["settings_key"] == _report_field(raw, "settings_key"):
             continue  # a DICOM series that gained or lost instances since its outputs were written: redo it
         else:
             _fail(row, CODE_OUTPUT_CONFLICT,
                   f"{row['output_uri']} already exists from a run with other settings, model or input",
                   "pass --overwrite to replace it, or write to another --output")
+
+
+def _carry_quality(row: dict, report: dict) -> None:
+    """A resumed volume's QC columns, from the report its earlier run wrote (no thumbnail: the preview is linked)."""
+    from ..quality.assess import manifest_columns
+
+    row["report_uri"] = report_uri(row["output_uri"])
+    row["preview_uri"] = (report.get("preview") or {}).get("uri") or ""
+    if isinstance(report.get("quality"), dict):
+        row.update(manifest_columns(report["quality"]))
 
 
 def _report_field(raw: bytes, name: str) -> str | None:

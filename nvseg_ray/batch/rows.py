@@ -32,11 +32,21 @@ PAYLOAD_COLUMNS = ("model_input", "inversion", "volume", "labels", "series")
 #: DICOM rows: the series' identity (no patient identifiers) and where its SEG went; empty for NIfTI rows.
 DICOM_COLUMNS = ("study_instance_uid", "series_instance_uid", "dicom_modality", "series_description", "n_instances",
                  "seg_uri")
+#: quality control (:mod:`nvseg_ray.quality`): the volume's JSON report and preview, the QC flag codes
+#: (comma-separated, "" = none), their reasons (JSON list of ``{"flag", "reason", "structures"}``) and the largest
+#: structures' volumes (JSON list of ``{"name", "ml", "cut_by_fov"}``; a cut one's ml is a lower bound). Strings, so
+#: every run's manifest has one Parquet schema; ``thumbnail`` is a small PNG of the preview for the run report.
+QC_COLUMNS = ("report_uri", "preview_uri", "qc_flags", "qc_reasons", "key_volumes")
+#: the structures' statistics rows of a finished volume (JSON bytes), gathered by the driver into the run's
+#: statistics table; not a manifest column.
+STRUCTURES_COLUMN = "structure_rows"
 #: manifest columns, in order.
 MANIFEST_COLUMNS = (
     "uri", "rel_dir", "status", "error_code", "error_message", "output_uri", "modality", "requested",
-    "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *TIMING_COLUMNS, *COST_COLUMNS,
+    "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *QC_COLUMNS, *TIMING_COLUMNS,
+    *COST_COLUMNS,
     *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, *DICOM_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key", "settings_key",
+    "thumbnail",
 )
 
 
@@ -52,6 +62,9 @@ def new_row(uri: str, rel_dir: str = "") -> dict[str, Any]:
     row.update({name: 0.0 for name in (*TIMING_COLUMNS, *COST_COLUMNS, *BRAIN_TIMING_COLUMNS,
                                        *BRAIN_QUALITY_COLUMNS)})
     row.update({name: b"" for name in PAYLOAD_COLUMNS})
+    row.update({name: "" for name in QC_COLUMNS})
+    row["qc_reasons"] = row["key_volumes"] = "[]"
+    row["thumbnail"] = row[STRUCTURES_COLUMN] = b""
     row.update({name: "" for name in DICOM_COLUMNS})
     row["n_instances"] = 0
     return row

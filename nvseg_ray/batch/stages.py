@@ -30,7 +30,8 @@ from ..io import check_regular_file
 from ..model_runner import ModelRunner
 from ..prompts import Prompts, expands_subclasses
 from ..stages import SegmentationResult, VolumeStages
-from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, fail_row
+from ..redaction import redact_uri
+from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, STRUCTURES_COLUMN, fail_row
 
 CODE_INTERNAL = "internal_error"
 CODE_MODEL_CRASHED = "model_worker_crashed"
@@ -67,7 +68,8 @@ def preprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]:
             row["brain_ml"] = prepared.brain.brain_ml
         row["model_input"] = pickle.dumps(voxels, protocol=5)
         row["inversion"] = pickle.dumps(record, protocol=5)
-        row["volume"] = pickle.dumps(volume.without_voxels(), protocol=5)
+        # the input's voxels travel on only when the QC needs them (intensity statistics, the preview)
+        row["volume"] = pickle.dumps(volume if stages.keeps_voxels else volume.without_voxels(), protocol=5)
         row["input_shape"] = list(volume.shape)
         row["input_voxels"] = int(np.prod(volume.shape))
     except Exception as exc:
@@ -163,11 +165,30 @@ def postprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]
             row["seg_uri"] = report["dicom"]["seg"]["uri"] or ""
         row["labelled_voxels"] = int(sum(s["voxels"] for s in result.statistics))
         row["n_labels"] = len(result.statistics)
+        row["report_uri"] = report_uri(row["output_uri"])
+        _record_quality(row, result, report)
         row["status"] = STATUS_OK
     except Exception as exc:
         return _failure(row, exc, "postprocess")
     finally:
-        _record_timings(row, timings, "postprocess", "write", "seg")
+        _record_timings(row, timings, "postprocess", "qc", "write", "seg")
         for name in PAYLOAD_COLUMNS:
             row[name] = b""
     return row
+
+
+def _record_quality(row: dict[str, Any], result: SegmentationResult, report: dict[str, Any]) -> None:
+    """The manifest's QC columns, the preview's thumbnail and the structures' rows for the run's statistics table."""
+    quality = result.quality
+    if quality is None:
+        return
+    row.update(quality.manifest_columns())
+    if "preview" in report:
+        from ..quality.preview import thumbnail
+
+        row["preview_uri"] = report["preview"]["uri"]
+        row["thumbnail"] = thumbnail(quality.preview)
+    if quality.structures:
+        volume = {"uri": redact_uri(row["uri"]), "output_uri": redact_uri(row["output_uri"]),
+                  "modality": row["modality"], "series_instance_uid": row["series_instance_uid"]}
+        row[STRUCTURES_COLUMN] = json.dumps(quality.table_rows(volume), separators=(",", ":")).encode()

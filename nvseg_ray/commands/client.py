@@ -30,7 +30,7 @@ from .options import _classes, _ints, _points
 #: failed job exit with :data:`~nvseg_ray.errors.EXIT_VOLUMES_FAILED`, as ``nvseg segment`` when a volume failed).
 EXIT_NOT_READY = 1
 
-_SUFFIXES = {"nrrd_zip": "_seg.zip", "nifti": "_seg.nii.gz", "json": "_seg.json"}
+_SUFFIXES = {"nrrd_zip": "_seg.zip", "nifti": "_seg.nii.gz", "json": "_seg.json", "preview": "_preview.png"}
 
 
 def _header(text: str) -> tuple[str, str]:

@@ -57,6 +57,14 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postfix", dest="output_postfix", help="mask file postfix, default 'trans'")
     p.add_argument("--max-voxels", type=int, help="refuse volumes with more voxels than this")
     p.add_argument("--overwrite", action="store_const", const=True, help="replace existing outputs")
+    q = p.add_argument_group("quality control")
+    q.add_argument("--preview", action=argparse.BooleanOptionalAction, default=None,
+                   help="a PNG per volume (axial, coronal, sagittal slices, labels overlaid) next to the mask "
+                   "(default: on in the batch job, off for `nvseg segment`)")
+    q.add_argument("--no-qc", dest="qc", action="store_const", const=False,
+                   help="leave out the per-structure statistics and QC flags")
+    q.add_argument("--no-colour-tables", dest="colour_tables", action="store_const", const=False,
+                   help="do not write the 3D Slicer / ITK-SNAP label tables next to each mask")
     d = p.add_argument_group("DICOM")
     d.add_argument("--output-format", choices=["auto", "nifti", "dicom-seg", "both"],
                    help="auto (default): NIfTI + DICOM SEG for DICOM input, NIfTI for NIfTI input")
@@ -89,19 +97,24 @@ _CONFIG_FLAGS = ("checkpoint", "modality", "classes", "points", "point_labels", 
 _DICOM_FLAGS = {"seg_type": "seg_type", "dicom_resample": "resample"}
 
 
+#: flag dest -> QualityConfig field (InferenceConfig.quality).
+_QUALITY_FLAGS = {"preview": "preview", "qc": "qc", "colour_tables": "colour_tables"}
+
+
 #: flag dest -> BrainConfig field (InferenceConfig.brain).
 _BRAIN_FLAGS = {"brain_preprocess": "preprocess", "skull_strip": "skull_strip",
                 "skull_strip_command": "skull_strip_command", "brain_template": "template",
                 "brain_template_mask": "template_mask", "bias_correction": "bias_correction"}
 
 
+#: InferenceConfig section -> its flags (dest -> field); each section is merged one level deep over the YAML's.
+_SECTION_FLAGS = {"brain": _BRAIN_FLAGS, "dicom": _DICOM_FLAGS, "quality": _QUALITY_FLAGS}
+
+
 def inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The InferenceConfig values given as flags (unset flags are None and fall through to YAML/defaults)."""
     overrides: dict[str, Any] = {name: getattr(args, name, None) for name in _CONFIG_FLAGS}
-    brain = {field: getattr(args, dest, None) for dest, field in _BRAIN_FLAGS.items()}
-    overrides["brain"] = {k: v for k, v in brain.items() if v is not None} or None
-    dicom = {field: getattr(args, dest, None) for dest, field in _DICOM_FLAGS.items()}
-    overrides["dicom"] = {k: v for k, v in dicom.items() if v is not None} or None
+    for section, flags in _SECTION_FLAGS.items():
+        given = {field: getattr(args, dest, None) for dest, field in flags.items()}
+        overrides[section] = {k: v for k, v in given.items() if v is not None} or None
     return overrides
-
-

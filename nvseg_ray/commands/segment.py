@@ -143,7 +143,11 @@ def run(args: argparse.Namespace) -> int:
         written = [redact_uri(out)] if nifti else []
         if seg:
             written.append(report["dicom"]["seg"]["uri"] or "no SEG (nothing found)")
-        say(f"{prefix} -> {', '.join(written)} ({len(result.statistics)} labels; {seconds})")
+        if "preview" in report:
+            written.append(report["preview"]["uri"])
+        flags = result.quality.flag_codes if result.quality is not None else []
+        qc = f"; QC flags: {', '.join(flags)}" if flags else ""
+        say(f"{prefix} -> {', '.join(written)} ({len(result.statistics)} labels; {seconds}{qc})")
     if failed:
         print(f"{failed} of {len(inputs)} volume(s) failed", file=sys.stderr)
         return EXIT_VOLUMES_FAILED

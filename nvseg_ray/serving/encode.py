@@ -56,8 +56,10 @@ __all__ = [
 MEDIA_TYPE_ZIP = "application/zip"
 MEDIA_TYPE_NIFTI = "application/gzip"
 MEDIA_TYPE_JSON = "application/json"
+MEDIA_TYPE_PNG = "image/png"
 #: output format (request ``output.format``) -> ``Content-Type`` of the response.
-MEDIA_TYPES: dict[str, str] = {"nrrd_zip": MEDIA_TYPE_ZIP, "nifti": MEDIA_TYPE_NIFTI, "json": MEDIA_TYPE_JSON}
+MEDIA_TYPES: dict[str, str] = {"nrrd_zip": MEDIA_TYPE_ZIP, "nifti": MEDIA_TYPE_NIFTI, "json": MEDIA_TYPE_JSON,
+                               "preview": MEDIA_TYPE_PNG}
 
 NRRD_SPACE = "left-posterior-superior"
 NRRD_SUFFIX = "_seg.nrrd"
@@ -70,7 +72,7 @@ _SPACE_ALIASES = {
     "ras": "RAS",
 }
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip entry timestamp
-_FILE_SUFFIXES = {"nrrd_zip": "_seg.zip", "nifti": "_seg.nii.gz", "json": "_seg.json"}
+_FILE_SUFFIXES = {"nrrd_zip": "_seg.zip", "nifti": "_seg.nii.gz", "json": "_seg.json", "preview": "_preview.png"}
 
 
 # --------------------------------------------------------------------------------------------------------

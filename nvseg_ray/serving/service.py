@@ -52,7 +52,7 @@ from .prefixes import parse_prefixes
 from .limits import DEFAULT_MAX_JSON_KB
 
 #: ``dicom-seg``: the DICOM SEG (application/dicom) of a DICOM input (an uploaded zip or a DICOMweb series).
-OutputFormat = Literal["nrrd_zip", "nifti", "json", "dicom-seg"]
+OutputFormat = Literal["nrrd_zip", "nifti", "json", "dicom-seg", "preview"]
 
 # Named defaults of the service (pinned by tests/test_serve.py); the engine's own defaults live in nvseg_ray.config.
 #: everything-set of a request that gives no prompts (NIM's CT default; upstream's silent MRI_BODY default is
