@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gzip
+import io
 import json
 import socket
 import threading
@@ -152,7 +153,7 @@ def test_nim_inference_default_zip_equals_engine(service, file_server, volumes, 
     assert {r["id"] for r in table} == set(np.unique(expected)) - {0}
 
 
-@pytest.mark.parametrize("fmt", ["nifti", "json"])
+@pytest.mark.parametrize("fmt", ["nifti", "json", "preview"])
 def test_inference_other_formats_and_everything_mode(service, s3_env, s3_bucket, volumes, tiny_checkpoint, fmt):
     import s3fs
 
@@ -162,9 +163,17 @@ def test_inference_other_formats_and_everything_mode(service, s3_env, s3_bucket,
     if fmt == "nifti":
         image = nib.Nifti1Image.from_bytes(gzip.decompress(out))
         np.testing.assert_array_equal(np.asanyarray(image.dataobj), expected)
+    elif fmt == "preview":  # the PNG preview, rendered for this request from its mask and input
+        from PIL import Image
+
+        assert out.startswith(b"\x89PNG\r\n\x1a\n")
+        assert min(Image.open(io.BytesIO(out)).size) > 32
     else:
         assert {r["id"]: r["voxels"] for r in out["labels"]} == {
             int(i): int((expected == i).sum()) for i in np.unique(expected) if i}
+        quality = out["quality"]  # statistics per structure and the QC flags of the same mask
+        assert {s["id"] for s in quality["structures"]} == {r["id"] for r in out["labels"]}
+        assert all({"code", "reason"} <= set(flag) for flag in quality["flags"])
 
 
 def test_upload_and_output_uri(service, volumes, tiny_checkpoint, s3_env, s3_bucket):
