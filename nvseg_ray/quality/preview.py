@@ -156,8 +156,12 @@ def oriented_slice(volume: np.ndarray, ornt: np.ndarray, ras_axis: int, centre: 
         the patient's right (axial, coronal) or anterior (sagittal).
     """
     axis = int(np.flatnonzero(ornt[:, 0] == ras_axis)[0])
-    index = int(round(float(centre[axis])))
-    index = min(max(index, 0), volume.shape[axis] - 1)
+    last = volume.shape[axis] - 1
+    flipped = ornt[axis, 1] < 0
+    # Round half up in RAS index space, so a volume stored flipped (e.g. LPS) shows the very same slice.
+    ras_index = math.floor((last - float(centre[axis]) if flipped else float(centre[axis])) + 0.5)
+    ras_index = min(max(ras_index, 0), last)
+    index = last - ras_index if flipped else ras_index
     slab = volume[tuple(slice(index, index + 1) if a == axis else slice(None) for a in range(3))]
     ras = apply_orientation(slab, ornt)  # (R, A, S) with length 1 along ras_axis; indices grow toward R, A, S
     plane = np.take(ras, 0, axis=ras_axis)  # the two remaining RAS axes, in RAS order
@@ -182,6 +186,40 @@ def panel_scale(shapes: Sequence[tuple[int, int]], spacings: Sequence[tuple[floa
     heights = [n * s for (n, _), (s, _) in zip(shapes, spacings)]
     widths = [n * s for (_, n), (_, s) in zip(shapes, spacings)]
     return min(PANEL_HEIGHT / max(max(heights), 1e-6), MAX_PANEL_WIDTH / max(max(widths), 1e-6))
+
+
+def preview_layout(shape: Sequence[int], affine: np.ndarray) -> list[tuple[str, int, int, int, int]]:
+    """Where each panel lies in the preview of an (X, Y, Z) ``shape`` grid with ``affine`` (voxel -> RAS mm).
+
+    Returns:
+        ``(name, left, top, width, height)`` in output pixels for ``"axial"``, ``"coronal"``, ``"sagittal"``,
+        left to right; the legend strip starts :data:`PANEL_GAP` right of the last panel.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = io_orientation(affine)
+    spacing = ras_spacing(affine, ornt)
+    ras_shape = [0, 0, 0]
+    for axis, size in enumerate(shape):
+        ras_shape[int(ornt[axis, 0])] = int(size)
+    plane_shapes, spacings = [], []
+    for _, ras_axis in PANEL_AXES:
+        column_axis, row_axis = (a for a in range(3) if a != ras_axis)
+        plane_shapes.append((ras_shape[row_axis], ras_shape[column_axis]))
+        spacings.append(_panel_spacing(spacing, ras_axis))
+    scale = panel_scale(plane_shapes, spacings)
+    sizes = [(max(1, round(rows * rs * scale)), max(1, round(cols * cs * scale)))
+             for (rows, cols), (rs, cs) in zip(plane_shapes, spacings)]
+    height = max(PANEL_HEIGHT, *(rows for rows, _ in sizes))
+    boxes, left = [], 0
+    for (name, _), (rows, cols) in zip(PANEL_AXES, sizes):
+        boxes.append((name, left, (height - rows) // 2, cols, rows))
+        left += cols + PANEL_GAP
+    return boxes
+
+
+def resize_nearest(plane: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``plane`` (rows, cols) resized to ``rows`` x ``cols`` pixels with nearest neighbour (same dtype)."""
+    return plane[_resize_indices(plane.shape[0], rows)[:, None], _resize_indices(plane.shape[1], cols)[None, :]]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -223,16 +261,6 @@ def blend(grey: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[int, in
         colour = np.asarray(colours[int(class_id)], dtype=np.float32)
         rgb[where] = OVERLAY_ALPHA * colour + (1.0 - OVERLAY_ALPHA) * rgb[where]
     return np.rint(rgb).astype(np.uint8)
-
-
-def render_panel(labels: np.ndarray, grey: np.ndarray, spacing: tuple[float, float], scale: float,
-                 colours: dict[int, tuple[int, int, int]]) -> np.ndarray:
-    """One panel, RGB uint8 (rows, cols, 3), scaled to ``scale`` px/mm with nearest neighbour."""
-    out_rows = max(1, round(labels.shape[0] * spacing[0] * scale))
-    out_cols = max(1, round(labels.shape[1] * spacing[1] * scale))
-    rows = _resize_indices(labels.shape[0], out_rows)[:, None]
-    cols = _resize_indices(labels.shape[1], out_cols)[None, :]
-    return blend(grey[rows, cols], labels[rows, cols], colours)
 
 
 def legend_entries(catalog: LabelCatalog, ranked: Sequence[tuple[int, int]]) -> list[tuple[int, str]]:
@@ -319,7 +347,6 @@ def render_preview(labels: np.ndarray, intensities: np.ndarray | None, affine: n
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
 
     ornt = io_orientation(affine)
-    spacing = ras_spacing(affine, ornt)
     centre = slice_centre(labels, intensities, modality=modality)
     label_planes = [oriented_slice(labels, ornt, axis, centre) for _, axis in PANEL_AXES]
     if intensities is None:
@@ -334,21 +361,16 @@ def render_preview(labels: np.ndarray, intensities: np.ndarray | None, affine: n
     shown = set().union(*(np.unique(p).tolist() for p in label_planes)) | {c for c, _ in entries}
     colours = label_colours(catalog, shown)
 
-    spacings = [_panel_spacing(spacing, axis) for _, axis in PANEL_AXES]
-    scale = panel_scale([p.shape for p in label_planes], spacings)
-    panels = [render_panel(lab, grey, s, scale, colours) for lab, grey, s in zip(label_planes, greys, spacings)]
-
-    height = max(PANEL_HEIGHT, max(p.shape[0] for p in panels))
-    width = sum(p.shape[1] for p in panels) + PANEL_GAP * len(panels) + LEGEND_WIDTH
+    boxes = preview_layout(labels.shape, affine)
+    height = max(top + rows for _, _, top, _, rows in boxes)
+    width = boxes[-1][1] + boxes[-1][3] + PANEL_GAP + LEGEND_WIDTH
     canvas = np.empty((height, width, 3), dtype=np.uint8)
     canvas[:] = CANVAS_COLOUR
-    x = 0
-    for panel in panels:
-        top = (height - panel.shape[0]) // 2
-        canvas[top:top + panel.shape[0], x:x + panel.shape[1]] = panel
-        x += panel.shape[1] + PANEL_GAP
-    image = Image.fromarray(canvas, mode="RGB")
-    draw_legend(image, x, entries, colours)
+    for (_, left, top, cols, rows), lab, grey in zip(boxes, label_planes, greys):
+        panel = blend(resize_nearest(grey, rows, cols), resize_nearest(lab, rows, cols), colours)
+        canvas[top:top + rows, left:left + cols] = panel
+    image = Image.fromarray(canvas)
+    draw_legend(image, width - LEGEND_WIDTH, entries, colours)
     return _png(image)
 
 
