@@ -256,7 +256,7 @@ STRUCTURE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("bbox_j1", "int32"),
     ("bbox_k0", "int32"),
     ("bbox_k1", "int32"),
-    ("cut_by_fov", "bool"),
+    ("cut_by_fov", "bool_"),
     ("cut_sides", "string"),
     ("centroid_x", "float64"),
     ("centroid_y", "float64"),
