@@ -8,6 +8,8 @@ seeded, so a (shape, seed) pair always gives the same array.
   volume): for header/dtype tests, whose values must survive a cast to any on-disk dtype.
 * :func:`torso_ct` -- an int16 CT with adult-torso proportions in mm (fat layer, organs, vertebral column, lungs,
   gas), built slab by slab so that benchmark-sized volumes (hundreds of M voxels) fit in little memory.
+* :func:`torso_labels` -- a uint8 label map (global class ids) with :func:`torso_ct`'s body outline and in-plane
+  organ positions, adult-sized organs, anatomically correct for the affine ``diag(-sx, sy, sz)`` (QC tests).
 * :func:`save_volume` / :func:`save_like_a_converter` -- NIfTI writers (qform = sform, code 1).
 * :func:`tiny_state_dict` -- the real ``vista3d132`` architecture with narrow convolutions (~6 M parameters).
 
@@ -128,7 +130,8 @@ def torso_labels(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
 
     The body outline (elliptic cylinder, fat layer) and the in-plane organ centres are those of
     :func:`torso_ct` (so the labels overlay its organs in-plane), but organ *sizes* and cranio-caudal positions
-    are in absolute mm, sized to adult volumes, and every structure ends inside the scan when it covers
+    are in absolute mm (torso_ct's scale with the field of view, so its organ HU only partly coincide with these
+    labels), sized to adult volumes, and every structure ends inside the scan when it covers
     at least ~235 mm cranio-caudally and ~340 x 240 mm in-plane (e.g. shape (240, 200, 160) at 1.5 mm): then no
     structure touches the grid's border. A shorter scan cuts the organs off, as a real one would. Organs are
     clipped to the body's inner (non-fat) region; later ones overwrite earlier ones (liver, spleen, kidneys,

@@ -229,3 +229,18 @@ def test_timing_print_for_a_benchmark_sized_volume():
     stats = structure_statistics(labels, ct, np.diag([-0.75, 0.75, 0.75, 1.0]), {})
     print(f"structure_statistics on {shape}: {time.perf_counter() - start:.3f} s, {len(stats)} structures")
     assert all(isinstance(s, StructureStatistics) for s in stats)
+
+
+def test_non_finite_and_bool_intensities():
+    labels = np.zeros((4, 4, 4), dtype=np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    labels[0, 0, 0] = 2
+    values = np.full(labels.shape, 10.0)
+    values[1, 1, 1] = np.nan
+    values[0, 0, 0] = np.inf
+    one, two = structure_statistics(labels, values, np.eye(4), {})
+    assert one.mean == 10.0 and one.p95 == 10.0 and one.voxels == 8
+    assert two.mean is None and two.voxels == 1
+    json.dumps(one.to_json(), allow_nan=False)
+    (flagged, _) = structure_statistics(labels, labels > 0, np.eye(4), {})
+    assert flagged.mean == 1.0

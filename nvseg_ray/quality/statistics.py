@@ -54,7 +54,8 @@ class StructureStatistics:
         volume_ml: ``voxels`` x voxel volume (|det affine[:3, :3]| mm^3) / 1000. A lower bound when
             ``cut_by_fov``.
         mean, std, median, p5, p95: intensity statistics over the structure's voxels, in the input's units
-            (HU for CT); ``std`` is the population standard deviation; ``None`` without intensities.
+            (HU for CT); ``std`` is the population standard deviation; non-finite values are left out; ``None``
+            without intensities (or without a finite value).
         bbox: inclusive voxel index ranges ((i0, i1), (j0, j1), (k0, k1)) on the input grid.
         cut_by_fov: the structure touches a face of the voxel grid (first/last slice or the in-plane border),
             so part of it may lie outside the field of view.
@@ -165,8 +166,14 @@ def _one_structure(
     mean = std = median = p5 = p95 = None
     if intensities is not None:
         values = intensities[box][mask]
-        mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
-        p5, median, p95 = (float(v) for v in np.percentile(values, PERCENTILES))
+        if values.dtype == np.bool_:
+            values = values.view(np.uint8)
+        elif values.dtype.kind in "fc":
+            values = values.real
+            values = values[np.isfinite(values)]  # NaN/inf voxels say nothing about the tissue
+        if values.size:
+            mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+            p5, median, p95 = (float(v) for v in np.percentile(values, PERCENTILES))
     return StructureStatistics(
         id=cid,
         name=name,
