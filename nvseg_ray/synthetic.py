@@ -8,6 +8,8 @@ seeded, so a (shape, seed) pair always gives the same array.
   volume): for header/dtype tests, whose values must survive a cast to any on-disk dtype.
 * :func:`torso_ct` -- an int16 CT with adult-torso proportions in mm (fat layer, organs, vertebral column, lungs,
   gas), built slab by slab so that benchmark-sized volumes (hundreds of M voxels) fit in little memory.
+* :func:`torso_labels` -- a uint8 label map (global class ids) with :func:`torso_ct`'s body outline and in-plane
+  organ positions, adult-sized organs, anatomically correct for the affine ``diag(-sx, sy, sz)`` (QC tests).
 * :func:`save_volume` / :func:`save_like_a_converter` -- NIfTI writers (qform = sform, code 1).
 * :func:`tiny_state_dict` -- the real ``vista3d132`` architecture with narrow convolutions (~6 M parameters).
 
@@ -120,6 +122,80 @@ def torso_ct(shape: Sequence[int], spacing: Sequence[float], seed: int = 0) -> n
         put(r_spine < 0.6, 300.0)
         vol += rng.standard_normal(vol.shape, dtype=np.float32) * 15.0
         out[:, :, z0 : z0 + k] = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
+    return out
+
+
+def torso_labels(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """A plausible uint8 (X, Y, Z) label map of global class ids for the same geometry as :func:`torso_ct`.
+
+    The body outline (elliptic cylinder, fat layer) and the in-plane organ centres are those of
+    :func:`torso_ct` (so the labels overlay its organs in-plane), but organ *sizes* and cranio-caudal positions
+    are in absolute mm (torso_ct's scale with the field of view, so its organ HU only partly coincide with these
+    labels), sized to adult volumes, and every structure ends inside the scan when it covers
+    at least ~235 mm cranio-caudally and ~340 x 240 mm in-plane (e.g. shape (240, 200, 160) at 1.5 mm): then no
+    structure touches the grid's border. A shorter scan cuts the organs off, as a real one would. Organs are
+    clipped to the body's inner (non-fat) region; later ones overwrite earlier ones (liver, spleen, kidneys,
+    aorta, vertebrae, lungs). Volumes at (240, 200, 160) x 1.5 mm: liver ~1.5 l, spleen ~0.2 l, kidneys
+    ~0.17 l each.
+
+    Ids (default catalog): liver 1, spleen 3, right kidney 5, left kidney 14, aorta 6, vertebrae L2 36, L1 37,
+    T12 38, left lung lower lobe 29, right lung lower lobe 32.
+
+    Orientation: with the affine ``diag(-sx, sy, sz, 1)`` (any translation) -- i increases towards the
+    patient's Left, j towards Anterior, k towards Superior -- the phantom is anatomically correct in RAS+
+    world coordinates: the liver, right kidney and right lung lie at low i = *larger* world x (the patient's
+    right), the spleen, left kidney and left lung at high i (smaller world x), the spine posterior (low j) with
+    the aorta in front of it and slightly to the left, the lungs cranial (high k). (:func:`write_torso_ct`'s
+    converter affine ``diag(-sx, -sy, sz)`` gives the same left/right but puts the spine anterior.)
+
+    Args:
+        shape: (X, Y, Z) voxels.
+        spacing: voxel size in mm per axis.
+    """
+    nx, ny, nz = (int(s) for s in shape)
+    sx, sy, sz = (float(s) for s in spacing)
+    a = min(170.0, 0.42 * nx * sx)  # body semi-axes in mm, as in torso_ct
+    b = min(120.0, 0.30 * ny * sy)
+    fat = 0.12
+    centre = np.array([(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2])
+    step = np.array([sx, sy, sz])
+    u = (((np.arange(nx) - centre[0]) * sx) / a).astype(np.float32)[:, None]
+    v = (((np.arange(ny) - centre[1]) * sy) / b).astype(np.float32)[None, :]
+    inner = (u / (1 - fat)) ** 2 + (v / (1 - fat)) ** 2 < 1.0  # (X, Y)
+    out = np.zeros((nx, ny, nz), dtype=np.uint8)
+
+    def put(label: int, c_mm: Sequence[float], semi_mm: Sequence[float], cylinder_z: tuple[float, float] | None = None
+            ) -> None:
+        """Fill an ellipsoid (or, with ``cylinder_z`` = (z0, z1) mm, an elliptic cylinder) centred at ``c_mm``
+        (mm from the grid centre), clipped to ``inner``, evaluated inside its own index box only."""
+        c, r = np.asarray(c_mm, dtype=float), np.asarray(semi_mm, dtype=float)
+        lo_mm, hi_mm = c - r, c + r
+        if cylinder_z is not None:
+            lo_mm[2], hi_mm[2] = cylinder_z
+        lo = np.maximum(np.floor(lo_mm / step + centre), 0).astype(int)
+        hi = np.minimum(np.ceil(hi_mm / step + centre), np.array([nx, ny, nz]) - 1).astype(int)
+        if np.any(hi < lo):
+            return
+        axes = [((np.arange(lo[d], hi[d] + 1) - centre[d]) * step[d] - c[d]) / r[d] for d in range(3)]
+        x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+        if cylinder_z is None:
+            inside = x**2 + y**2 + z**2 < 1.0
+        else:
+            zz = axes[2] * r[2] + c[2]
+            inside = (x**2 + y**2 < 1.0) & ((zz >= cylinder_z[0]) & (zz <= cylinder_z[1]))[None, None, :]
+        inside &= inner[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, None]
+        out[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1][inside] = label
+
+    put(1, (-0.4 * a, 0.15 * b, 15.0), (80.0, 70.0, 65.0))  # liver, patient's right (low i)
+    put(3, (0.55 * a, -0.1 * b, 35.0), (25.0, 45.0, 45.0))  # spleen, left (high i)
+    put(5, (-0.35 * a, -0.45 * b, -30.0), (30.0, 25.0, 55.0))  # right kidney
+    put(14, (0.35 * a, -0.45 * b, -25.0), (30.0, 25.0, 55.0))  # left kidney (a little higher, as usual)
+    r_aorta, r_vert = 0.1 * b, 0.16 * b
+    put(6, (0.05 * a, -0.32 * b, 0.0), (r_aorta, r_aorta, 1.0), cylinder_z=(-90.0, 85.0))  # aorta
+    for label, (z0, z1) in ((36, (-48.0, -23.0)), (37, (-20.0, 5.0)), (38, (8.0, 31.0))):  # L2, L1, T12
+        put(label, (0.0, -0.62 * b, 0.0), (r_vert, r_vert, 1.0), cylinder_z=(z0, z1))
+    put(32, (-0.45 * a, 0.1 * b, 95.0), (0.33 * a, 0.55 * b, 20.0))  # right lung lower lobe (base)
+    put(29, (0.45 * a, 0.1 * b, 95.0), (0.33 * a, 0.55 * b, 20.0))  # left lung lower lobe (base)
     return out
 
 
