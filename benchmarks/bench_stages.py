@@ -501,7 +501,9 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     cfg = InferenceConfig(checkpoint=ckpt, modality=args.modality if not args.classes else None,
                           classes=args.classes, patch_size=tuple(args.patch_size), sw_batch_size=args.sw_batch_size,
-                          device=args.device)
+                          device=args.device,
+                          # like for like with upstream, which has no QC (benchmarks/bench_quality.py measures it)
+                          quality={"qc": False, "preview": False})
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     model = load_model(ckpt)

@@ -28,3 +28,15 @@ def test_bench_stages_smoke(tmp_path, capsys):
     for stage in STAGES:
         assert stage in printed
     assert "label agreement" in printed
+
+
+def test_bench_quality_smoke(tmp_path, capsys):
+    from benchmarks.bench_quality import CPU_STAGES, QC_STEPS
+    from benchmarks.bench_quality import main as quality_main
+
+    report = quality_main(["--shape", "80,70,40", "--spacing", "4,4,6", "--blobs", "5", "--json",
+                           str(tmp_path / "q.json"), "--quiet"])
+    assert set(report["qc"]) == set(QC_STEPS) and set(report["cpu_stages"]) == set(CPU_STAGES)
+    assert report["qc_cpu_s"] > 0 and report["cpu_stages_cpu_s"] > 0 and report["ratio"] > 0
+    assert report["preview_bytes"] > report["thumbnail_bytes"] > 0
+    assert "ratio QC / CPU stages" in capsys.readouterr().out

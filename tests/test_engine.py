@@ -110,7 +110,7 @@ def test_report_contents(tiny_checkpoint, tmp_path):
     on_disk = json.loads((tmp_path / "o" / "scan_seg.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["prompts"]["class_ids"] == [1, 3]
-    assert set(on_disk["timings_s"]) == {"read", "preprocess", "infer", "postprocess", "write"}
+    assert set(on_disk["timings_s"]) == {"read", "preprocess", "infer", "postprocess", "qc", "write"}
     assert len(on_disk["model"]["sha256"]) == 64
     for row in on_disk["labels"]:
         assert row["voxels"] == int(np.sum(result.labels == row["id"]))
