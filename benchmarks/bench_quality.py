@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with work_folder(args.work, "nvseg-bench-quality-") as work:
         report = measure(args, work)
     print_report(report)
-    return write_report(report, args.json)
+    write_report(report, args.json)
+    return report
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STRUCTURE_KEYS = {"id", "name", "voxels", "volume_ml", "mean", "std", "median", "p5", "p95", "bbox", "cut_by_fov"}
 
 
-def _phantom(path: Path, seed: int = 0, shape: tuple[int, int, int] = (40, 36, 20)) -> Path:
-    save_volume(path, body_phantom(shape, seed=seed), np.diag([1.5, 1.5, 2.5, 1.0]))
+def _scan(path: Path, seed: int = 0, shape: tuple[int, int, int] = (40, 36, 20)) -> Path:
+    save_volume(path, body_scan(shape, seed=seed), np.diag([1.5, 1.5, 2.5, 1.0]))
     return path
 
 
@@ -35,7 +35,7 @@ def _cfg(checkpoint: str, **kw) -> InferenceConfig:
 
 
 def test_report_preview_and_viewer_tables_next_to_the_mask(tiny_checkpoint, tmp_path):
-    scan = _phantom(tmp_path / "ct.nii.gz")
+    scan = _scan(tmp_path / "ct.nii.gz")
     cfg = _cfg(tiny_checkpoint, quality={"preview": True})
     result = segment_once(cfg, scan)
     mask = str(tmp_path / "out" / "ct_trans.nii.gz")
@@ -70,7 +70,7 @@ def cfg_ids(result) -> tuple[int, ...]:
 
 
 def test_qc_off_writes_no_quality_and_drops_the_voxels(tiny_checkpoint, tmp_path):
-    scan = _phantom(tmp_path / "ct.nii.gz")
+    scan = _scan(tmp_path / "ct.nii.gz")
     cfg = _cfg(tiny_checkpoint, quality={"qc": False, "colour_tables": False})
     result = segment_once(cfg, scan)
     assert result.quality is None and result.volume.array.size == 0  # nothing needs the input past prepare
@@ -82,7 +82,7 @@ def test_qc_off_writes_no_quality_and_drops_the_voxels(tiny_checkpoint, tmp_path
 
 
 def test_segment_cli_preview_flag(tiny_checkpoint, tmp_path, capsys):
-    scan = _phantom(tmp_path / "ct.nii.gz")
+    scan = _scan(tmp_path / "ct.nii.gz")
     out = tmp_path / "out"
     code = main(["segment", str(scan), "-o", str(out), "-c", tiny_checkpoint, "--classes", "liver,spleen",
                  "--patch-size", ",".join(map(str, TEST_PATCH)), "--device", "cpu", "--preview"])
@@ -109,7 +109,7 @@ def test_batch_run_qc_columns_statistics_table_and_run_report(tiny_checkpoint, t
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i, name in enumerate(("a.nii.gz", "b.nii.gz")):
-        _phantom(inputs / name, seed=i, shape=(40 + 2 * i, 36, 20))
+        _scan(inputs / name, seed=i, shape=(40 + 2 * i, 36, 20))
     (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not a volume")
     out = tmp_path / "out"
     cfg = BatchConfig(input=str(inputs), output=str(out), run_name="r1", progress_interval_s=60, progress_bars=False,

@@ -559,7 +559,9 @@ def test_encoding_errors_and_names() -> None:
         decode_nrrd(b"garbage")
     assert response_filename("../scan", "nrrd_zip") == "scan_seg.zip"
     assert response_filename("scan", "nifti") == "scan_seg.nii.gz"
-    assert MEDIA_TYPES == {"nrrd_zip": "application/zip", "nifti": "application/gzip", "json": "application/json"}
+    assert response_filename("scan", "preview") == "scan_preview.png"
+    assert MEDIA_TYPES == {"nrrd_zip": "application/zip", "nifti": "application/gzip", "json": "application/json",
+                           "preview": "image/png"}
 
 
 # --------------------------------------------------------------------------------------------------------

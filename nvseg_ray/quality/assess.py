@@ -75,6 +75,16 @@ class QualityRecord:
         return statistics_rows(volume, self.structures)
 
 
+def _inputs(labels: np.ndarray, intensities: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Integer labels (``--output-dtype float32``, upstream's file type, holds exact integers) and the intensities
+    when they cover the mask's grid (a voxel-free volume, shape (0, 0, 0), has none)."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        labels = labels.astype(np.int32)
+    if intensities is not None and intensities.shape != labels.shape:
+        intensities = None
+    return labels, intensities
+
+
 def assess(labels: np.ndarray, intensities: np.ndarray | None, affine: np.ndarray, catalog: LabelCatalog,
            prompts: Prompts) -> QualityRecord:
     """Statistics and QC flags of one mask.
@@ -88,8 +98,7 @@ def assess(labels: np.ndarray, intensities: np.ndarray | None, affine: np.ndarra
         prompts: what was segmented (its modality picks the intensity check; an everything-set run, no explicit
             classes, is what ``few_labels`` judges).
     """
-    if intensities is not None and intensities.shape != labels.shape:
-        intensities = None  # e.g. a voxel-free volume (shape (0, 0, 0)): statistics without intensities
+    labels, intensities = _inputs(labels, intensities)
     names = {int(i): catalog.name(int(i)) for i in prompts.class_ids}
     stats = structure_statistics(labels, intensities, affine, names)
     flags = qc_flags(stats, labels, intensities, affine, modality=prompts.modality, prompted_ids=prompts.class_ids,
@@ -104,8 +113,7 @@ def render_result_preview(labels: np.ndarray, intensities: np.ndarray | None, af
     already computed) ranks the legend without counting the labels again."""
     from .preview import render_preview
 
-    if intensities is not None and intensities.shape != labels.shape:
-        intensities = None
+    labels, intensities = _inputs(labels, intensities)
     largest = [(s.id, s.voxels) for s in structures] if structures is not None else None
     return render_preview(labels, intensities, affine, catalog, modality=modality, largest=largest)
 
