@@ -538,8 +538,8 @@ td.uri{max-width:340px;word-break:break-all}td.error{max-width:320px;word-break:
 .status.failed{background:#ffebe9}.status.skipped{background:#eaeef2}
 .flag{display:inline-block;background:#fff1c2;border:1px solid #e3c35a;border-radius:8px;padding:0 6px;
 margin:1px;font-size:12px;cursor:help}details.reasons ul{margin:2px 0;padding-left:16px}
-.thumb{max-width:96px;max-height:96px;display:block;image-rendering:pixelated}
-ul.kv{margin:0;padding-left:14px}li.lower-bound{color:#9a3412}
+.thumb{width:96px;height:auto;display:block;image-rendering:pixelated}
+ul.kv{margin:0;padding-left:14px;white-space:nowrap}li.lower-bound{color:#9a3412}td.uri small{white-space:nowrap}
 """
 
 _JS = r"""
