@@ -1,4 +1,4 @@
-"""``nvseg`` command line: ``segment``, ``batch``, ``labels``, ``weights``, ``client``.
+"""``nvseg`` command line: ``segment``, ``batch``, ``report``, ``labels``, ``weights``, ``client``.
 
 Exit codes (:mod:`nvseg_ray.errors`, ``EXIT_*``): 0 success; 1 unexpected internal error; 2 invalid options,
 config, classes or modality; 3 one or more input volumes failed (the others were written); 4 checkpoint /
@@ -19,12 +19,12 @@ from .boundary import guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import batch, client, labels, segment, weights
+    from .commands import batch, client, labels, report, segment, weights
 
     parser = argparse.ArgumentParser(prog="nvseg", description="NV-Segment-CTMR segmentation at any scale")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (segment, batch, labels, weights, client):
+    for module in (segment, batch, report, labels, weights, client):
         module.register(sub)
     return parser
 

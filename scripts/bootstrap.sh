@@ -3,7 +3,7 @@
 # Idempotent: re-running it on a ready environment only re-checks the install.
 #   scripts/bootstrap.sh            # runtime + test extras
 # Run as root on Debian/Ubuntu, it also installs the system packages some tests use when they are missing
-# (orthanc, orthanc-dicomweb, dicom3tools); otherwise it says once which tests will skip.
+# (orthanc, orthanc-dicomweb, dicom3tools, chromium, chromium-driver); otherwise it says once which tests will skip.
 # Environment: NVSEG_VENV (default <repo>/.venv), PYTHON (default python3).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,17 +12,21 @@ python="${PYTHON:-python3}"
 stamp="$venv/.nvseg-bootstrap"
 
 # System tools some tests need (Debian packages): Orthanc with its DICOMweb plugin (a real DICOMweb server on
-# loopback, tests/orthanc.py) and dciodvfy (dicom3tools, the DICOM validator the SEG tests run). Tests that need
-# a missing one skip, saying why. Their presence is part of the stamp, so this script looks again (once) when it
-# changes, and stays quiet on every later run.
+# loopback, tests/orthanc.py), dciodvfy (dicom3tools, the DICOM validator the SEG tests run) and headless Chromium
+# with its chromedriver (chromium, chromium-driver: the run report's browser test, tests/test_run_report.py, drives
+# it through Selenium). Tests that need a missing one skip, saying why. Their presence is part of the stamp, so
+# this script looks again (once) when it changes, and stays quiet on every later run.
 orthanc_plugin=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
 system_tools() {
-  local orthanc=missing dciodvfy=missing
+  local orthanc=missing dciodvfy=missing chromium=missing
   if { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 && [ -f "$orthanc_plugin" ]; then
     orthanc=present
   fi
   command -v dciodvfy >/dev/null 2>&1 && dciodvfy=present
-  echo "orthanc=$orthanc dciodvfy=$dciodvfy"
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    chromium=present
+  fi
+  echo "orthanc=$orthanc dciodvfy=$dciodvfy chromium=$chromium"
 }
 policy=/usr/sbin/policy-rc.d
 policy_saved=""
@@ -30,32 +34,46 @@ restore_policy() {
   rm -f "$policy"
   if [ -n "$policy_saved" ]; then mv -f "$policy_saved" "$policy"; policy_saved=""; fi
 }
+# apt-get install the given packages (after an apt-get update if the first try fails); says so when it cannot.
+apt_install() {
+  local log
+  log="$(mktemp)"
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@")
+  if ! "${apt[@]}" >"$log" 2>&1; then
+    if ! { apt-get update -qq && "${apt[@]}"; } >>"$log" 2>&1; then
+      echo "[bootstrap] apt-get could not install $* (the tests that need them will skip); last lines:" >&2
+      tail -n 5 "$log" >&2
+    fi
+  fi
+  rm -f "$log"
+}
 install_system_tools() {
-  local tools log
+  local tools
   tools="$(system_tools)"
   case "$tools" in *missing*) ;; *) return 0 ;; esac
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "[bootstrap] $tools (needs root + apt-get to install orthanc orthanc-dicomweb dicom3tools): the Orthanc" \
-      "DICOMweb tests (tests/test_dicomweb.py and other DICOMweb cases) and the dciodvfy SEG checks will skip" >&2
+    echo "[bootstrap] $tools (needs root + apt-get to install orthanc orthanc-dicomweb dicom3tools chromium" \
+      "chromium-driver): the Orthanc DICOMweb tests (tests/test_dicomweb.py and other DICOMweb cases), the dciodvfy" \
+      "SEG checks and the run report's browser test (tests/test_run_report.py) will skip" >&2
     return 0
   fi
-  echo "[bootstrap] installing orthanc orthanc-dicomweb dicom3tools (apt; no service is started)" >&2
+  # one apt transaction per group, only for what is missing: a distribution without one of them (Ubuntu ships
+  # chromium as a snap) still gets the others
+  local groups=()
+  case "$tools" in *orthanc=missing*|*dciodvfy=missing*) groups+=("orthanc orthanc-dicomweb dicom3tools") ;; esac
+  case "$tools" in *chromium=missing*) groups+=("chromium chromium-driver") ;; esac
+  echo "[bootstrap] installing ${groups[*]} (apt; no service is started)" >&2
   # policy-rc.d exiting 101 tells the package scripts not to start the orthanc system service
   if [ -e "$policy" ]; then policy_saved="$policy.nvseg-saved.$$"; mv -f "$policy" "$policy_saved"; fi
   trap restore_policy EXIT
   trap 'exit 130' INT TERM  # so that the EXIT trap restores the policy on Ctrl-C too
   printf '#!/bin/sh\nexit 101\n' > "$policy"
   chmod 755 "$policy"
-  log="$(mktemp)"
-  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
-             orthanc orthanc-dicomweb dicom3tools)
-  if ! "${apt[@]}" >"$log" 2>&1; then
-    if ! { apt-get update -qq && "${apt[@]}"; } >>"$log" 2>&1; then
-      echo "[bootstrap] apt-get could not install them (the tests that need them will skip); last lines:" >&2
-      tail -n 5 "$log" >&2
-    fi
-  fi
-  rm -f "$log"
+  local group
+  for group in "${groups[@]}"; do
+    # shellcheck disable=SC2086 # a group is a space-separated package list
+    apt_install $group
+  done
   restore_policy
   trap - EXIT INT TERM
 }
