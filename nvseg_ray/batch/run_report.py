@@ -52,6 +52,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: per-row stage columns shown, in order (``t_qc`` after the pipeline stages when the manifest has it).
 _STAGE_COLUMNS = (*TIMING_COLUMNS, "t_qc")
 _STATUSES = (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)
+#: column headings of the longer stage names.
+_SHORT_STAGE = {"preprocess": "prep", "postprocess": "post"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -408,14 +410,19 @@ def _render_table(records: list[dict], stage_columns: list[str], linker: _Linker
         "<label><input id=\"flagged-only\" type=\"checkbox\"> flagged only</label>"
         f"<span id=\"shown-count\">{len(records)} of {len(records)} shown</span></div>\n"
     )
-    headers = [("#", "num", 48), ("volume", "text", 260), ("status", "text", 72), ("error", "text", 240),
-               ("QC flags", "text", 180), ("preview", None, 112), ("key structures", None, 180),
-               *((c[2:], "num", 76) for c in stage_columns), ("total s", "num", 70), ("links", None, 72)]
+    # fixed layout (column widths never depend on 10,000 rows of content); volume and error share what is left
+    headers = [("#", "num", 44), ("volume", "text", None), ("status", "text", 76), ("error", "text", None),
+               ("QC flags", "text", 160), ("preview", None, 108), ("key structures", None, 160),
+               *((_SHORT_STAGE.get(c[2:], c[2:]), "num", 52) for c in stage_columns), ("total s", "num", 62),
+               ("links", None, 64)]
+    titles = ["", "input URI", "", "error code and message", "QC flag codes (hover or open 'why' for the reasons)",
+              "", "largest structures; ≥: cut by the field of view, a lower bound",
+              *(f"{c[2:]} seconds" for c in stage_columns), "total seconds", "mask, report, preview"]
     head = "".join(
-        f"<th data-sort=\"{kind}\" data-col=\"{i}\" title=\"sort\">{html.escape(name)}</th>" if kind
-        else f"<th data-col=\"{i}\">{html.escape(name)}</th>"
-        for i, (name, kind, _width) in enumerate(headers))
-    cols = "".join(f"<col style=\"width:{width}px\">" for _name, _kind, width in headers)
+        f"<th data-col=\"{i}\"" + (f" data-sort=\"{kind}\"" if kind else "")
+        + (f" title=\"{html.escape(title)}\"" if title else "") + f">{html.escape(name)}</th>"
+        for i, ((name, kind, _width), title) in enumerate(zip(headers, titles)))
+    cols = "".join(f"<col style=\"width:{width}px\">" if width else "<col>" for _name, _kind, width in headers)
     rows = []
     embedded = 0
     for index, record in enumerate(records, start=1):
@@ -529,9 +536,10 @@ border-radius:6px;padding:8px 12px;min-width:200px}.panel.wide{display:inline-bl
 .bar{width:120px}.bar span{display:block;height:8px;background:#6b8cce;border-radius:2px}
 svg text{font-size:10px;fill:#556}.hbar{fill:#6b8cce}.hbar:hover{fill:#31539a}.axis{stroke:#99a}
 .controls{display:flex;gap:12px;align-items:center;margin:8px 0}#filter{width:320px;padding:4px}
-#volume-table{border-collapse:collapse;background:#fff;width:100%;table-layout:fixed}
+#volume-table{border-collapse:collapse;background:#fff;width:100%;min-width:1300px;table-layout:fixed}
 #volume-table th,#volume-table td{border-bottom:1px solid #e4e6eb;padding:4px 6px;vertical-align:top}
-#volume-table th{position:sticky;top:0;background:#eef1f6;text-align:left;white-space:nowrap}
+#volume-table th{position:sticky;top:0;background:#eef1f6;text-align:left;white-space:nowrap;overflow:hidden;
+text-overflow:ellipsis}
 #volume-table th[data-sort]{cursor:pointer}#volume-table th[data-sort]:hover{background:#dde3ee}
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 td.uri{word-break:break-all}td.error,td.links{word-break:break-word}
