@@ -232,6 +232,23 @@ def test_write_run_report_reads_the_run_folder(tmp_path):
     assert '<b id="count-failed">1</b>' in Path(write_run_report(str(run_dir))).read_text(encoding="utf-8")
 
 
+def test_a_run_folder_on_s3(s3_env, s3_bucket, capsys):
+    from nvseg_ray.io import read_bytes
+
+    output = f"s3://{s3_bucket}/out"
+    write_manifest(_frame(output), _summary(), output, RUN)
+    run_dir = f"{output}/{RUNS_DIR}/{RUN}"
+    assert main(["report", run_dir]) == 0  # credentials and endpoint from the environment
+    assert capsys.readouterr().out.strip() == f"{run_dir}/{REPORT_NAME}"
+    page = read_bytes(f"{run_dir}/{REPORT_NAME}").decode("utf-8")
+    assert 'href="../../a/case1_trans.nii.gz"' in page and page.count('src="data:image/png;base64,') == 3
+    assert write_run_report(run_dir, s3_env, cost_per_node_hour=3.0) == f"{run_dir}/{REPORT_NAME}"
+    assert 'id="cost">2 per volume' in read_bytes(f"{run_dir}/{REPORT_NAME}", s3_env).decode("utf-8")
+    with pytest.raises(StorageError) as err:
+        write_run_report(f"{output}/{RUNS_DIR}/nope", s3_env)
+    assert err.value.details["reason"] == REASON_NOT_FOUND and "no run folder" in err.value.message
+
+
 def test_missing_run_folder_or_manifest_is_a_storage_error(tmp_path):
     with pytest.raises(StorageError) as err:
         write_run_report(str(tmp_path / "nope"))

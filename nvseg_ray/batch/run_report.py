@@ -52,6 +52,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: per-row stage columns shown, in order (``t_qc`` after the pipeline stages when the manifest has it).
 _STAGE_COLUMNS = (*TIMING_COLUMNS, "t_qc")
 _STATUSES = (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)
+#: column headings of the longer stage names.
+_SHORT_STAGE = {"preprocess": "prep", "postprocess": "post"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -408,13 +410,19 @@ def _render_table(records: list[dict], stage_columns: list[str], linker: _Linker
         "<label><input id=\"flagged-only\" type=\"checkbox\"> flagged only</label>"
         f"<span id=\"shown-count\">{len(records)} of {len(records)} shown</span></div>\n"
     )
-    headers = [("#", "num"), ("volume", "text"), ("status", "text"), ("error", "text"), ("QC flags", "text"),
-               ("preview", None), ("key structures", None),
-               *((c[2:], "num") for c in stage_columns), ("total s", "num"), ("links", None)]
+    # fixed layout (column widths never depend on 10,000 rows of content); volume and error share what is left
+    headers = [("#", "num", 44), ("volume", "text", None), ("status", "text", 76), ("error", "text", None),
+               ("QC flags", "text", 160), ("preview", None, 108), ("key structures", None, 160),
+               *((_SHORT_STAGE.get(c[2:], c[2:]), "num", 52) for c in stage_columns), ("total s", "num", 62),
+               ("links", None, 64)]
+    titles = ["", "input URI", "", "error code and message", "QC flag codes (hover or open 'why' for the reasons)",
+              "", "largest structures; ≥: cut by the field of view, a lower bound",
+              *(f"{c[2:]} seconds" for c in stage_columns), "total seconds", "mask, report, preview"]
     head = "".join(
-        f"<th data-sort=\"{kind}\" data-col=\"{i}\" title=\"sort\">{html.escape(name)}</th>" if kind
-        else f"<th data-col=\"{i}\">{html.escape(name)}</th>"
-        for i, (name, kind) in enumerate(headers))
+        f"<th data-col=\"{i}\"" + (f" data-sort=\"{kind}\"" if kind else "")
+        + (f" title=\"{html.escape(title)}\"" if title else "") + f">{html.escape(name)}</th>"
+        for i, ((name, kind, _width), title) in enumerate(zip(headers, titles)))
+    cols = "".join(f"<col style=\"width:{width}px\">" if width else "<col>" for _name, _kind, width in headers)
     rows = []
     embedded = 0
     for index, record in enumerate(records, start=1):
@@ -423,7 +431,7 @@ def _render_table(records: list[dict], stage_columns: list[str], linker: _Linker
                  and embedded < MAX_EMBEDDED_THUMBNAILS)
         embedded += embed
         rows.append(_render_row(index, record, stage_columns, linker, embed))
-    return (f"{controls}<table id=\"volume-table\">\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
+    return (f"{controls}<table id=\"volume-table\">\n<colgroup>{cols}</colgroup>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
             f"{''.join(rows)}</tbody>\n</table>\n"
             f"<p class=\"muted\">thumbnails embedded: {embedded} (at most {MAX_EMBEDDED_THUMBNAILS}; later rows "
             f"link their preview)</p>\n</section>\n")
@@ -504,8 +512,8 @@ def _render_key_volumes(value: Any) -> str:
             continue
         name = _esc(item.get("name"))
         if item.get("cut_by_fov"):
-            items.append(f"<li class=\"lower-bound\" title=\"cut by the field of view: the structure continues "
-                         f"outside the scan, so this is a lower bound\">{name} ≥ {_ml(ml)} ml</li>")
+            items.append(f"<li class=\"lower-bound\" title=\"cut by the field of view: a lower bound\">{name} "
+                         f"≥ {_ml(ml)} ml</li>")
         else:
             items.append(f"<li>{name} {_ml(ml)} ml</li>")
     return f"<ul class=\"kv\">{''.join(items)}</ul>" if items else ""
@@ -528,12 +536,13 @@ border-radius:6px;padding:8px 12px;min-width:200px}.panel.wide{display:inline-bl
 .bar{width:120px}.bar span{display:block;height:8px;background:#6b8cce;border-radius:2px}
 svg text{font-size:10px;fill:#556}.hbar{fill:#6b8cce}.hbar:hover{fill:#31539a}.axis{stroke:#99a}
 .controls{display:flex;gap:12px;align-items:center;margin:8px 0}#filter{width:320px;padding:4px}
-#volume-table{border-collapse:collapse;background:#fff;width:100%}
+#volume-table{border-collapse:collapse;background:#fff;width:100%;min-width:1300px;table-layout:fixed}
 #volume-table th,#volume-table td{border-bottom:1px solid #e4e6eb;padding:4px 6px;vertical-align:top}
-#volume-table th{position:sticky;top:0;background:#eef1f6;text-align:left;white-space:nowrap}
+#volume-table th{position:sticky;top:0;background:#eef1f6;text-align:left;white-space:nowrap;overflow:hidden;
+text-overflow:ellipsis}
 #volume-table th[data-sort]{cursor:pointer}#volume-table th[data-sort]:hover{background:#dde3ee}
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
-td.uri{max-width:340px;word-break:break-all}td.error{max-width:320px;word-break:break-word}
+td.uri{word-break:break-all}td.error,td.links{word-break:break-word}
 .status{padding:1px 6px;border-radius:8px;font-size:12px}.status.ok{background:#dafbe1}
 .status.failed{background:#ffebe9}.status.skipped{background:#eaeef2}
 .flag{display:inline-block;background:#fff1c2;border:1px solid #e3c35a;border-radius:8px;padding:0 6px;
@@ -552,7 +561,13 @@ _JS = r"""
   var status = document.getElementById("status-filter");
   var flagged = document.getElementById("flagged-only");
   var shown = document.getElementById("shown-count");
-  function apply() {
+  function detached(change) {  /* edit the rows off-document: one layout afterwards, not one per row */
+    var parent = tbody.parentNode, next = tbody.nextSibling;
+    parent.removeChild(tbody);
+    try { change(); } finally { parent.insertBefore(tbody, next); }
+  }
+  function apply() { detached(filterRows); }
+  function filterRows() {
     var words = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
     var want = status.value, onlyFlagged = flagged.checked, n = 0;
     for (var i = 0; i < rows.length; i++) {
@@ -588,12 +603,13 @@ _JS = r"""
         if (xn || yn) return xn === yn ? a[1] - b[1] : (xn ? 1 : -1);  /* blanks last, either direction */
         return x === y ? a[1] - b[1] : (x < y ? -dir : dir);
       }
-      var c = x.localeCompare(y);
-      return c === 0 ? a[1] - b[1] : c * dir;
+      return x === y ? a[1] - b[1] : (x < y ? -dir : dir);
     });
-    var frag = document.createDocumentFragment();
-    rows = keyed.map(function (k) { frag.appendChild(k[2]); return k[2]; });
-    tbody.appendChild(frag);
+    rows = keyed.map(function (k) { return k[2]; });
+    detached(function () {  /* empty first: moving rows one by one within their parent is quadratic in Blink */
+      tbody.textContent = "";
+      for (var r = 0; r < rows.length; r++) tbody.appendChild(rows[r]);
+    });
   }
   for (var h = 0; h < heads.length; h++) {
     if (heads[h].hasAttribute("data-sort")) heads[h].addEventListener("click", function () { sortBy(this); });
