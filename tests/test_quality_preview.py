@@ -90,13 +90,13 @@ def organ_labels(shape) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def phantom():
+def torso_case():
     shape, spacing = (488, 404, 224), (0.8, 0.8, 1.5)
     return torso_ct(shape, spacing), organ_labels(shape), np.diag([*spacing, 1.0])
 
 
-def test_phantom_preview_is_small_fast_and_names_the_structures(phantom):
-    ct, labels, affine = phantom
+def test_phantom_preview_is_small_fast_and_names_the_structures(torso_case):
+    ct, labels, affine = torso_case
     render_preview(labels, ct, affine, CATALOG, modality="CT")  # warm-up (imports, font)
     start = time.perf_counter()
     png = render_preview(labels, ct, affine, CATALOG, modality="CT")
@@ -116,10 +116,10 @@ def test_phantom_preview_is_small_fast_and_names_the_structures(phantom):
         assert consistent.sum() > 20, class_id
 
 
-def test_phantom_overlay_matches_the_grey_under_it(phantom):
+def test_phantom_overlay_matches_the_grey_under_it(torso_case):
     """A labelled pixel equals the alpha blend of the catalog colour with the pixel of the same render without
     that label (same slices: the labelled centroid is kept by swapping the liver's id only)."""
-    ct, labels, affine = phantom
+    ct, labels, affine = torso_case
     relabelled = np.where(labels == LIVER, AORTA, labels).astype(np.uint8)  # same voxels labelled, other id
     with_liver = decode(render_preview(labels, ct, affine, CATALOG, modality="CT"))
     without = decode(render_preview(relabelled, ct, affine, CATALOG, modality="CT"))

@@ -14,6 +14,9 @@ from .rows import MANIFEST_COLUMNS, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, TI
 
 #: folder under the output prefix holding one sub-folder per run.
 RUNS_DIR = "_nvseg_runs"
+#: the run's manifest (Parquet, one row per input) and summary (JSON) inside its folder.
+MANIFEST_NAME = "manifest.parquet"
+SUMMARY_NAME = "summary.json"
 #: the run's statistics table: one row per volume segmented in the run and structure (pandas / DuckDB ready).
 STRUCTURES_NAME = "structures.parquet"
 
@@ -102,7 +105,7 @@ def summarize(frame, *, wall_s: float, run_name: str, manifest_uri: str, n_actor
 def run_uris(output: str, run_name: str) -> tuple[str, str]:
     """``(<output>/_nvseg_runs/<run>/manifest.parquet, .../summary.json)``."""
     base = run_folder(output, run_name)
-    return join_uri(base, "manifest.parquet"), join_uri(base, "summary.json")
+    return join_uri(base, MANIFEST_NAME), join_uri(base, SUMMARY_NAME)
 
 
 def run_folder(output: str, run_name: str) -> str:

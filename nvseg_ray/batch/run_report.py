@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from ..errors import REASON_IO_ERROR, REASON_NOT_FOUND, StorageError
 from ..io import exists, join_uri, read_bytes, write_bytes_atomic
+from .manifest import MANIFEST_NAME, RUNS_DIR, SUMMARY_NAME
 from .rows import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, TIMING_COLUMNS
 
 __all__ = ["MAX_EMBEDDED_THUMBNAILS", "REPORT_NAME", "render_run_report", "write_run_report"]
@@ -44,13 +45,9 @@ REPORT_NAME = "report.html"
 MAX_EMBEDDED_THUMBNAILS = 1000
 #: bins of the seconds-per-volume histogram.
 HISTOGRAM_BINS = 20
-#: the run folder's parent (``<output>/_nvseg_runs``), as :data:`.manifest.RUNS_DIR`.
-_RUNS_DIR = "_nvseg_runs"
-_MANIFEST_NAME = "manifest.parquet"
-_SUMMARY_NAME = "summary.json"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: per-row stage columns shown, in order (``t_qc`` after the pipeline stages when the manifest has it).
-_STAGE_COLUMNS = (*TIMING_COLUMNS, "t_qc")
+#: per-row stage columns shown, in order (those the manifest has: an older run's may lack ``t_qc``).
+_STAGE_COLUMNS = TIMING_COLUMNS
 _STATUSES = (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)
 #: column headings of the longer stage names.
 _SHORT_STAGE = {"preprocess": "prep", "postprocess": "post"}
@@ -77,17 +74,17 @@ def write_run_report(run_dir: str, storage_options: dict | None = None, *,
     import pandas as pd
 
     run_dir = os.fspath(run_dir).rstrip("/") or os.fspath(run_dir)
-    manifest_uri = join_uri(run_dir, _MANIFEST_NAME)
-    summary_uri = join_uri(run_dir, _SUMMARY_NAME)
-    hint = (f"RUN_DIR is a run folder written by `nvseg batch`: <output>/{_RUNS_DIR}/<run>, holding "
-            f"{_MANIFEST_NAME} and {_SUMMARY_NAME}")
+    manifest_uri = join_uri(run_dir, MANIFEST_NAME)
+    summary_uri = join_uri(run_dir, SUMMARY_NAME)
+    hint = (f"RUN_DIR is a run folder written by `nvseg batch`: <output>/{RUNS_DIR}/<run>, holding "
+            f"{MANIFEST_NAME} and {SUMMARY_NAME}")
     try:
         raw = read_bytes(manifest_uri, storage_options)
     except StorageError as err:
         if err.details.get("reason") != REASON_NOT_FOUND:
             raise
         where = (f"no run folder at {run_dir!r}" if not exists(run_dir, storage_options)
-                 else f"no run manifest {_MANIFEST_NAME} in {run_dir!r}")
+                 else f"no run manifest {MANIFEST_NAME} in {run_dir!r}")
         raise StorageError(f"cannot build the run report: {where}", hint=hint, uri=manifest_uri,
                            reason=REASON_NOT_FOUND) from err
     try:
@@ -214,7 +211,7 @@ class _Linker:
     def __init__(self, run_dir: str) -> None:
         self.scheme, self.run_path = _normalise(run_dir)
         parent = posixpath.dirname(self.run_path.rstrip("/"))
-        if posixpath.basename(parent) == _RUNS_DIR:  # <output>/_nvseg_runs/<run>: climb two folders to <output>
+        if posixpath.basename(parent) == RUNS_DIR:  # <output>/_nvseg_runs/<run>: climb two folders to <output>
             self.root, self.up = posixpath.dirname(parent), "../../"
         else:  # another layout: only targets inside the run folder itself are relative
             self.root, self.up = self.run_path, ""
@@ -462,9 +459,10 @@ def _render_row(index: int, record: Mapping[str, Any], stage_columns: list[str],
     total = _num(record.get("t_total"))
     cells.append(f"<td class=\"num total\" data-v=\"{'' if total is None else total}\">{_seconds(total)}</td>")
     links = []
+    written = status in (STATUS_OK, STATUS_SKIPPED)  # a failed volume's output_uri is where it would have gone
     for label, column in (("mask", "output_uri"), ("report", "report_uri"), ("preview", "preview_uri")):
         target = _text(record.get(column))
-        if target:
+        if target and written:
             links.append(f"<a class=\"link-{label}\" href=\"{html.escape(linker.href(target), quote=True)}\" "
                          f"title=\"{_esc(target)}\">{label}</a>")
     cells.append(f"<td class=\"links\">{' '.join(links)}</td>")
