@@ -349,6 +349,14 @@ def test_report_in_a_real_browser(browser, tmp_path):
     failed = browser.find_element(By.CSS_SELECTOR, 'tr.volume[data-status="failed"] td.error').text
     assert "<script>window.__pwned = 1</script>" in failed
 
+    # the links resolve, from the report's folder, to the artefacts under the output root
+    output = run_dir.parent.parent
+    links = {a.get_attribute("class"): a.get_property("href")
+             for a in browser.find_elements(By.CSS_SELECTOR, 'tr.volume[data-flags="few_labels"] td.links a')}
+    assert links == {"link-mask": (output / "a" / "case3_trans.nii.gz").as_uri(),
+                     "link-report": (output / "a" / "case3_report.json").as_uri(),
+                     "link-preview": (output / "a" / "case3_preview.png").as_uri()}
+
     # thumbnails are decoded images
     images = browser.execute_script(
         "return Array.from(document.querySelectorAll('img.thumb')).map(function (i) {"
