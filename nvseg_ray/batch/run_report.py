@@ -409,7 +409,7 @@ def _render_table(records: list[dict], stage_columns: list[str], linker: _Linker
     )
     # fixed layout (column widths never depend on 10,000 rows of content); volume and error share what is left
     headers = [("#", "num", 44), ("volume", "text", None), ("status", "text", 76), ("error", "text", None),
-               ("QC flags", "text", 160), ("preview", None, 108), ("key structures", None, 160),
+               ("QC flags", "text", 160), ("preview", None, 108), ("key structures", None, 230),
                *((_SHORT_STAGE.get(c[2:], c[2:]), "num", 52) for c in stage_columns), ("total s", "num", 62),
                ("links", None, 64)]
     titles = ["", "input URI", "", "error code and message", "QC flag codes (hover or open 'why' for the reasons)",
@@ -534,7 +534,7 @@ border-radius:6px;padding:8px 12px;min-width:200px}.panel.wide{display:inline-bl
 .bar{width:120px}.bar span{display:block;height:8px;background:#6b8cce;border-radius:2px}
 svg text{font-size:10px;fill:#556}.hbar{fill:#6b8cce}.hbar:hover{fill:#31539a}.axis{stroke:#99a}
 .controls{display:flex;gap:12px;align-items:center;margin:8px 0}#filter{width:320px;padding:4px}
-#volume-table{border-collapse:collapse;background:#fff;width:100%;min-width:1300px;table-layout:fixed}
+td.structures{overflow-wrap:anywhere}#volume-table{border-collapse:collapse;background:#fff;width:100%;min-width:1300px;table-layout:fixed}
 #volume-table th,#volume-table td{border-bottom:1px solid #e4e6eb;padding:4px 6px;vertical-align:top}
 #volume-table th{position:sticky;top:0;background:#eef1f6;text-align:left;white-space:nowrap;overflow:hidden;
 text-overflow:ellipsis}
