@@ -201,6 +201,11 @@ class ValidatedVolume:
         header_only = type(self.image)(np.zeros((1, 1, 1), np.uint8), None, header=self.image.header.copy())
         return dataclasses.replace(self, image=header_only, array=np.empty((0, 0, 0), self.array.dtype))
 
+    def with_voxels(self, array: np.ndarray) -> ValidatedVolume:
+        """The inverse of :meth:`without_voxels` for the stages' needs: ``array`` (X, Y, Z), the voxels that travelled
+        apart (the batch job sends them from preprocessing to postprocessing past the model actor)."""
+        return dataclasses.replace(self, array=array)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Header checks

@@ -3,7 +3,9 @@
     plan (driver) -> read+preprocess (CPU tasks) -> model (actor pool, GPU when present)
                   -> invert+encode+write (CPU tasks) -> manifest (driver)
 
-Rows carry URIs and compact payloads, one volume per task. The driver is the only place that submits work:
+Rows carry URIs and compact payloads, one volume per task; the input's voxels the QC needs (intensity statistics,
+the preview) travel as a second object of the preprocess task straight to postprocessing, so the model actor
+never receives them. The driver is the only place that submits work:
 it keeps at most ``max_in_flight`` volumes between "read starts" and "mask written" (:mod:`.admission`),
 hands each preprocessed volume to the least busy model actor and each segmented one to a postprocess task,
 passing Ray object references (payloads go worker to worker, the driver only ever fetches the final,
@@ -45,7 +47,7 @@ from .inputs import discover
 from .manifest import (Progress, format_summary, manifest_frame, run_folder, run_uris, summarize, write_manifest,
                        write_structures_table)
 from .plan import checkpoint_identity, plan_rows
-from .rows import STATUS_PENDING, STRUCTURES_COLUMN, fail_row
+from .rows import INTENSITIES_COLUMN, STATUS_PENDING, STRUCTURES_COLUMN, fail_row
 from .stages import CODE_INTERNAL, ModelStage, postprocess_row, preprocess_row
 
 #: a volume's task or actor was lost (its worker or node died) more often than ``max_attempts`` allows.
@@ -96,15 +98,18 @@ def _maybe_raise(stage: str, row: dict[str, Any]) -> None:
             raise RuntimeError(f"injected {stage} fault")
 
 
-def _preprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
+def _preprocess(row: dict[str, Any], cfg_json: str) -> tuple[dict[str, Any], bytes]:
+    """Two objects (``num_returns=2``): the row, which goes on to the model actor, and the input's voxels for the
+    QC, which go straight to postprocessing (empty when the QC does not need them)."""
     _maybe_raise("preprocess", row)
     row = preprocess_row(dict(row), _stages(cfg_json))
     row["preprocess_node"] = _node_id()
-    return row
+    intensities, row[INTENSITIES_COLUMN] = row[INTENSITIES_COLUMN], b""
+    return row, intensities
 
 
-def _postprocess(row: dict[str, Any], cfg_json: str) -> dict[str, Any]:
-    row = postprocess_row(dict(row), _stages(cfg_json))
+def _postprocess(row: dict[str, Any], intensities: bytes, cfg_json: str) -> dict[str, Any]:
+    row = postprocess_row(dict(row) | {INTENSITIES_COLUMN: intensities}, _stages(cfg_json))
     row["postprocess_node"] = _node_id()
     _maybe_raise("postprocess", row)
     return row
@@ -310,6 +315,7 @@ class _Volume:
     stage: str
     ref: Any = None
     actor: _Actor | None = None
+    intensities: Any = None  # ObjectRef of the input's voxels (preprocess -> postprocess), held by the driver
 
 
 def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
@@ -330,7 +336,7 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
     tracker = ray.remote(num_cpus=0, scheduling_strategy=on_driver)(_AttemptTracker).remote()
     window = InFlightWindow(cfg.max_in_flight or default_in_flight(cfg.max_actors, _cpu_task_slots(cfg)))
     # module attributes read here, at run time (benchmarks/bench_batch.py swaps in traced versions)
-    pre_task = ray.remote(_preprocess).options(num_cpus=cfg.preprocess_cpus, **requests.cpu_stage)
+    pre_task = ray.remote(_preprocess).options(num_cpus=cfg.preprocess_cpus, num_returns=2, **requests.cpu_stage)
     post_task = ray.remote(_postprocess).options(num_cpus=cfg.postprocess_cpus, **requests.cpu_stage)
     actor_class = ray.remote(_ModelActor).options(**requests.model)
     actor_args = {"cfg_json": cfg_json, "tracker": tracker, "max_attempts": cfg.max_attempts,
@@ -371,7 +377,8 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
             while queue and window.has_room():  # admit: the only place a volume's work starts
                 row = queue.popleft()
                 window.acquire(row["output_uri"])
-                vol = _Volume(row, "preprocess", pre_task.remote(row, cfg_json))
+                row_ref, intensities_ref = pre_task.remote(row, cfg_json)
+                vol = _Volume(row, "preprocess", row_ref, intensities=intensities_ref)
                 by_ref[vol.ref] = vol
             _dispatch_to_model(waiting_for_model, actors, by_ref)
             if (waiting_for_model and len(actors) < cfg.max_actors
@@ -395,7 +402,7 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
                     waiting_for_model.append(vol)  # its payload stays in the object store
                 elif vol.stage == "model":
                     vol.actor.calls -= 1
-                    vol.stage, vol.ref = "postprocess", post_task.remote(ref, cfg_json)
+                    vol.stage, vol.ref = "postprocess", post_task.remote(ref, vol.intensities, cfg_json)
                     by_ref[vol.ref] = vol
                 else:
                     finish(vol, _final_row(vol, ref, cfg))

@@ -3,7 +3,8 @@
 Rows are plain dicts with a fixed set of columns (every stage keeps every column, so manifest rows
 always share one schema). Heavy payloads travel as bytes columns and are emptied once consumed:
 ``model_input`` (float32 voxels, preprocess -> model), ``labels`` (uint16 model-grid labels,
-model -> postprocess); ``inversion`` and ``volume`` are small records (a few KB).
+model -> postprocess), ``intensities`` (the input's voxels for the QC, preprocess -> postprocess, as an object of
+its own beside the row); ``inversion`` and ``volume`` are small records (a few KB).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ COST_COLUMNS = (*(f"cpu_{stage}" for stage in STAGES), *(f"rss_mb_{stage}" for s
 BRAIN_TIMING_COLUMNS = ("t_brain_skullstrip", "t_brain_bias_correct", "t_brain_normalize", "t_brain_register",
                         "t_brain_resample", "t_brain_revert")
 BRAIN_QUALITY_COLUMNS = ("registration_metric", "registration_correlation", "brain_ml")
+#: the input's voxels (stored dtype, pickled) for the QC, preprocess -> postprocess; the pipeline sends them as a
+#: separate object, so the model actor never receives them.
+INTENSITIES_COLUMN = "intensities"
 #: payload columns dropped before the manifest is written (``series``: the pickled DicomSeries of a DICOM row).
-PAYLOAD_COLUMNS = ("model_input", "inversion", "volume", "labels", "series")
+PAYLOAD_COLUMNS = ("model_input", "inversion", "volume", "labels", "series", INTENSITIES_COLUMN)
 #: DICOM rows: the series' identity (no patient identifiers) and where its SEG went; empty for NIfTI rows.
 DICOM_COLUMNS = ("study_instance_uid", "series_instance_uid", "dicom_modality", "series_description", "n_instances",
                  "seg_uri")

@@ -31,7 +31,8 @@ from ..model_runner import ModelRunner
 from ..prompts import Prompts, expands_subclasses
 from ..stages import SegmentationResult, VolumeStages
 from ..redaction import redact_uri
-from .rows import BRAIN_TIMING_COLUMNS, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK, STRUCTURES_COLUMN, fail_row
+from .rows import (BRAIN_TIMING_COLUMNS, INTENSITIES_COLUMN, PAYLOAD_COLUMNS, STATUS_FAILED, STATUS_OK,
+                   STRUCTURES_COLUMN, fail_row)
 
 CODE_INTERNAL = "internal_error"
 CODE_MODEL_CRASHED = "model_worker_crashed"
@@ -68,8 +69,9 @@ def preprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]:
             row["brain_ml"] = prepared.brain.brain_ml
         row["model_input"] = pickle.dumps(voxels, protocol=5)
         row["inversion"] = pickle.dumps(record, protocol=5)
-        # the input's voxels travel on only when the QC needs them (intensity statistics, the preview)
-        row["volume"] = pickle.dumps(volume if stages.keeps_voxels else volume.without_voxels(), protocol=5)
+        row["volume"] = pickle.dumps(volume.without_voxels(), protocol=5)
+        if stages.keeps_voxels:  # the QC's intensities (statistics, preview): to postprocessing, past the model
+            row[INTENSITIES_COLUMN] = pickle.dumps(volume.array, protocol=5)
         row["input_shape"] = list(volume.shape)
         row["input_voxels"] = int(np.prod(volume.shape))
     except Exception as exc:
@@ -146,6 +148,8 @@ def postprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]
     try:
         record = pickle.loads(row["inversion"])
         volume = pickle.loads(row["volume"])
+        if row[INTENSITIES_COLUMN]:
+            volume = volume.with_voxels(pickle.loads(row[INTENSITIES_COLUMN]))
         labels = pickle.loads(row["labels"])
         prompts = prompts_of(row, cfg)
         result: SegmentationResult = stages.finish(labels, record, volume, prompts, timings)
