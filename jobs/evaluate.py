@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="validation fold (default 0)")
     p.add_argument("--patch-size", type=_patch, help="sliding-window patch, e.g. 192,192,128 (default)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", choices=["auto", "torch", "trt", "compile"],
+                   help="auto (default): TensorRT encoder where it can run, else torch (see README, GPU)")
     p.add_argument("--max-actors", type=int, help="model actors (default 1)")
     p.add_argument("--label-catalog", help="project catalog JSON or upstream bundle dir")
     p.add_argument("--storage-options", help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"...\"}'")
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = EvaluateConfig.from_options(
             datalist=args.datalist, root=args.root, checkpoint=args.checkpoint, output=args.output,
             label_mapping=args.label_mapping, split=args.split, fold=args.fold, patch_size=args.patch_size,
-            device=args.device, max_actors=args.max_actors, label_catalog=args.label_catalog,
+            device=args.device, backend=args.backend, max_actors=args.max_actors, label_catalog=args.label_catalog,
             storage_options=storage)
         return run_evaluation(cfg).exit_code
 

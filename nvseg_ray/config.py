@@ -57,6 +57,13 @@ PROMPT_FIELDS = frozenset({"classes", "points", "point_labels"})
 DEFAULT_CLASS_CHUNK_SIZE = 16
 #: 'auto': the GPU when there is one, else the CPU.
 DEFAULT_DEVICE = "auto"
+#: How the network runs (:mod:`nvseg_ray.backends`): ``auto`` = TensorRT for the image encoder where it can run
+#: (a CUDA device, TensorRT 10.x, polygraphy, onnx: upstream's fastest path, 1.5x its AMP per volume), else
+#: PyTorch (fp16 autocast on CUDA, as upstream); every fallback is reported with its reason.
+DEFAULT_BACKEND = "auto"
+Backend = Literal["auto", "torch", "trt", "compile"]
+#: ``--sw-batch-size auto``: windows per forward pass chosen from the device's free memory (1 on CPU).
+SW_BATCH_AUTO = "auto"
 #: every one of the 345 label ids fits; a quarter of upstream's float32 file (docs/upstream.md, Outputs).
 DEFAULT_OUTPUT_DTYPE = "uint16"
 DEFAULT_OUTPUT_POSTFIX = "trans"
@@ -95,6 +102,19 @@ def check_patch_size(v: tuple[int, int, int]) -> tuple[int, int, int]:
         raise ValueError(f"the patch {list(v)} has {math.prod(v):,} voxels, above the limit of {MAX_PATCH_VOXELS:,} "
                          "(256^3; each voxel holds 48+ feature channels per window); upstream uses 192, 192, 128")
     return v
+
+
+def check_sw_batch_size(v: Any) -> Any:
+    """``"auto"`` or an integer 1..:data:`MAX_SW_BATCH_SIZE` (a numeric string from a flag or YAML is accepted)."""
+    if isinstance(v, str) and v.strip().lower() == SW_BATCH_AUTO:
+        return SW_BATCH_AUTO
+    try:
+        n = int(v) if not isinstance(v, bool) and float(v) == int(float(v)) else None
+    except (TypeError, ValueError):
+        n = None
+    if n is None or not 1 <= n <= MAX_SW_BATCH_SIZE:
+        raise ValueError(f"sw_batch_size must be 'auto' or an integer 1..{MAX_SW_BATCH_SIZE}, got {v!r}")
+    return n
 
 
 def check_spacing(v: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -210,10 +230,15 @@ class InferenceConfig(BaseModel):
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
     patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE
     overlap: float = Field(DEFAULT_OVERLAP, description="window overlap fraction in [0, 0.9]")
-    sw_batch_size: int = Field(DEFAULT_SW_BATCH_SIZE, ge=1, le=MAX_SW_BATCH_SIZE)
+    sw_batch_size: int | Literal["auto"] = Field(DEFAULT_SW_BATCH_SIZE, description=f"windows per forward pass, 1.."
+                                                 f"{MAX_SW_BATCH_SIZE}; 'auto': from the GPU's free memory")
     class_chunk_size: int = Field(DEFAULT_CLASS_CHUNK_SIZE, ge=1)
     device: str = Field(DEFAULT_DEVICE, description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'")
     amp: bool = Field(DEFAULT_AMP, description="fp16 autocast on CUDA, as upstream; ignored on CPU")
+    backend: Backend = Field(DEFAULT_BACKEND, description="auto (TensorRT encoder when it can run, else torch), "
+                             "torch, trt (TensorRT fp16 encoder), compile (torch.compile of the encoder)")
+    engine_cache_dir: str | None = Field(None, description="node-local folder of TensorRT engines; None = "
+                                         "$NVSEG_ENGINE_CACHE or ~/.cache/nvseg-ray/engines")
 
     output_dtype: OutputDType = DEFAULT_OUTPUT_DTYPE
     output_layout: Literal["nested", "flat"] = "nested"
@@ -265,6 +290,11 @@ class InferenceConfig(BaseModel):
                              f"letters, digits, '.', '_' or '-' (no '/', '\\' or '..'-only names), got {v!r}; "
                              "e.g. --postfix seg")
         return v
+
+    @field_validator("sw_batch_size", mode="before")
+    @classmethod
+    def _window_batch(cls, v: Any) -> Any:
+        return check_sw_batch_size(v)
 
     @field_validator("overlap")
     @classmethod

@@ -206,7 +206,8 @@ def argmax_over_classes(features: torch.Tensor, embeddings: torch.Tensor, class_
 
 @torch.inference_mode()
 def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Sequence[int], cfg: InferenceConfig,
-                    device: torch.device, should_stop: ShouldStop | None = None) -> torch.Tensor:
+                    device: torch.device, should_stop: ShouldStop | None = None,
+                    fixed_batch: bool = False) -> torch.Tensor:
     """Automatic (class-prompt) segmentation on the model grid, stitched slab by slab
     (:mod:`nvseg_ray.slab_stitching`: memory bounded by the window and the in-plane size, not the scan length).
 
@@ -215,6 +216,7 @@ def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Se
         image: [1, C, H, W, D] float32 preprocessed volume.
         class_ids: global class ids (already resolved and subclass-expanded), prompt order.
         should_stop: polled before every sliding window; True raises :class:`StopRequested`.
+        fixed_batch: every forward pass gets exactly ``cfg.sw_batch_size`` windows (a compiled fixed-shape encoder).
 
     Returns:
         [H, W, D] label map (global ids, :func:`compact_label_dtype`) on ``device``.
@@ -226,7 +228,8 @@ def segment_classes(network: torch.nn.Module, image: torch.Tensor, class_ids: Se
 
     with _autocast(device, cfg.amp):
         return stitch_in_slabs(image, AutoFeatures(network, should_stop), finish, cfg.patch_size, cfg.overlap,
-                               cfg.sw_batch_size, device, compact_label_dtype(max(class_ids, default=0)))
+                               cfg.sw_batch_size, device, compact_label_dtype(max(class_ids, default=0)),
+                               fixed_batch=fixed_batch)
 
 
 @torch.inference_mode()

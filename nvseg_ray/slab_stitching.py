@@ -78,7 +78,7 @@ def _axis_counts(size: int, roi: int, starts: Sequence[int], device: torch.devic
 
 def stitch_in_slabs(image: torch.Tensor, predictor: Predictor, finish: Finisher, roi_size: Sequence[int],
                     overlap: float, sw_batch_size: int, device: torch.device,
-                    label_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+                    label_dtype: torch.dtype = torch.int64, fixed_batch: bool = False) -> torch.Tensor:
     """Sliding-window ``predictor`` over ``image`` and ``finish`` each part of the blended output once it is final.
 
     The last axis is cut at every window start and end into segments; a window adds its output into the
@@ -95,12 +95,19 @@ def stitch_in_slabs(image: torch.Tensor, predictor: Predictor, finish: Finisher,
         sw_batch_size: windows per predictor call (grouped within one start along ``D``).
         device: where windows run and the open segments are accumulated.
         label_dtype: dtype of the returned labels (what ``finish`` returns is cast into it).
+        fixed_batch: pad a last, smaller window batch to ``sw_batch_size`` (repeating its last window; the extra
+            outputs are dropped), for predictors compiled for one input shape (``torch.compile(dynamic=False)``).
+
+    On a CUDA ``device`` the model grid is copied there once (pinned host memory, a non-blocking copy); windows
+    are then cut on the device and only the labels stay.
 
     Returns:
         [H, W, D] labels of ``label_dtype`` on ``device`` (the grid of ``image``, padding removed).
     """
     from monai.data.utils import dense_patch_slices
 
+    if device.type == "cuda" and image.device != device:  # once, not per window
+        image = image.pin_memory().to(device, non_blocking=True)
     padded, keep = replicate_pad(image, roi_size)
     size = tuple(padded.shape[2:])
     roi = tuple(int(r) for r in roi_size)
@@ -130,7 +137,9 @@ def stitch_in_slabs(image: torch.Tensor, predictor: Predictor, finish: Finisher,
         for first in range(0, len(group), sw_batch_size):
             batch = group[first : first + sw_batch_size]
             x = torch.cat([padded[(slice(0, 1), slice(None), *w)] for w in batch]).to(device)
-            out = predictor(x)  # [b, F, rH, rW, rD]
+            if fixed_batch and len(batch) < sw_batch_size:
+                x = torch.cat([x, x[-1:].expand(sw_batch_size - len(batch), *x.shape[1:])])
+            out = predictor(x)[: len(batch)]  # [b, F, rH, rW, rD]
             for lo in spans:
                 if lo not in open_segments:
                     open_segments[lo] = torch.zeros((out.shape[1], *size[:2], ends[lo] - lo), dtype=torch.float32,

@@ -39,20 +39,28 @@ def _monai(image: torch.Tensor, predictor, overlap: float, sw_batch_size: int) -
                                     overlap=overlap, mode="constant", padding_mode="replicate")[0]
 
 
+@pytest.mark.parametrize("fixed_batch", [False, True])
 @pytest.mark.parametrize("name", CASES)
 @torch.inference_mode()
-def test_features_equal_monai_whole_grid(name):
+def test_features_equal_monai_whole_grid(name, fixed_batch):
     shape, overlap, batch = CASES[name]
     image = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(1))
     predictor = _predictor()
     expected = _monai(image, predictor, overlap, batch)  # [F, H, W, D]
     pieces: list[torch.Tensor] = []
+    batches: list[int] = []
 
     def keep(features: torch.Tensor) -> torch.Tensor:
         pieces.append(features.clone())
         return torch.zeros(features.shape[1:], dtype=torch.int64)
 
-    labels = stitch_in_slabs(image, predictor, keep, ROI, overlap, batch, torch.device("cpu"))
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        batches.append(x.shape[0])
+        return predictor(x)
+
+    labels = stitch_in_slabs(image, counted, keep, ROI, overlap, batch, torch.device("cpu"), fixed_batch=fixed_batch)
+    if fixed_batch:  # a compiled fixed-shape encoder sees one input shape only; the padding changes nothing
+        assert set(batches) == {batch}
     got = torch.cat(pieces, dim=-1)
     # the finished slabs tile the (padded) grid; the padding is cut from the labels only
     assert labels.shape == shape and got.shape[-1] >= shape[-1]

@@ -25,7 +25,7 @@ JOB_PROG = "batch_segment"
 
 _BATCH_FLAGS = ("input", "output", "run_dir", "recursive", "preprocess_cpus", "postprocess_cpus", "stage_memory_gb", "model_cpus", "model_gpus",
                 "min_actors", "max_actors", "model_node_resource", "cpu_node_resource", "max_in_flight", "max_attempts",
-                "max_failures", "progress_interval_s", "progress_bars", "wait_for_resources", "run_name",
+                "max_failures", "actors_per_gpu", "progress_interval_s", "progress_bars", "wait_for_resources", "run_name",
                 "ray_address", "run_report", "cost_per_node_hour")
 
 
@@ -50,6 +50,9 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-memory-gb", type=float, help="memory reserved per CPU-stage task (default 2)")
     g.add_argument("--model-cpus", type=float, help="CPUs per model actor (default 1)")
     g.add_argument("--model-gpus", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs)")
+    g.add_argument("--actors-per-gpu", type=int, choices=[1, 2],
+                   help="model actors sharing a GPU when --model-gpus is not given (default 1; 2 overlaps host work "
+                   "and compute; raise --max-actors to match)")
     g.add_argument("--min-actors", type=int, help="model actors started up front (default 1)")
     g.add_argument("--max-actors", type=int, help="model actor pool ceiling (default 1)")
     g.add_argument("--model-node-resource", help="custom resource naming model nodes, e.g. nvseg_model_node")

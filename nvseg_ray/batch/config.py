@@ -17,6 +17,9 @@ DEFAULT_MODEL_CPUS = 1.0
 #: memory reserved per read/preprocess and per postprocess task (a 512x512x300 CT needs < 2 GiB).
 DEFAULT_STAGE_MEMORY_GB = 2.0
 DEFAULT_MIN_ACTORS = 1
+#: One model actor per GPU: the whole device's memory for the window batch; 2 lets one actor's host-side work
+#: (receiving the model grid, returning labels) overlap the other's compute, at half the memory each.
+DEFAULT_ACTORS_PER_GPU = 1
 DEFAULT_MAX_ACTORS = 1
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_FAILURES = 0
@@ -47,6 +50,8 @@ class BatchConfig(BaseModel):
     stage_memory_gb: float = Field(DEFAULT_STAGE_MEMORY_GB, gt=0, description="memory reserved per CPU-stage task")
     model_cpus: float = Field(DEFAULT_MODEL_CPUS, gt=0, description="CPUs per model actor")
     model_gpus: float | None = Field(None, ge=0, description="GPUs per model actor; None = 1 when the cluster has GPUs")
+    actors_per_gpu: int = Field(DEFAULT_ACTORS_PER_GPU, ge=1, le=2, description="model actors sharing one GPU when "
+                                "model_gpus is not set: 2 overlaps one volume's host work with another's compute")
     min_actors: int = Field(DEFAULT_MIN_ACTORS, ge=1)
     max_actors: int = Field(DEFAULT_MAX_ACTORS, ge=1)
     model_node_resource: str = Field(DEFAULT_MODEL_NODE_RESOURCE,

@@ -129,6 +129,8 @@ class _ModelActor:
                                 max_attempts=max_attempts, on_start=_maybe_inject_fault)
         ctx = ray.get_runtime_context()
         self.node, self.actor = ctx.get_node_id(), ctx.get_actor_id()
+        if self.stage.builds_an_engine:  # an engine build belongs to the start-up, not to the first volume
+            self.stage.warm_up()
 
     def _attempt(self, key: str) -> int:
         return self._ray.get(self._tracker.start.remote(key))
@@ -326,7 +328,8 @@ def _run_pipeline(cfg: BatchConfig, pending: list[dict], progress: Progress,
 
     ensure_ray(cfg.ray_address)
     cfg_json = cfg.inference.model_dump_json()
-    gpus = cfg.model_gpus if cfg.model_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    has_gpus = bool(ray.cluster_resources().get("GPU", 0))
+    gpus = cfg.model_gpus if cfg.model_gpus is not None else (1.0 / cfg.actors_per_gpu if has_gpus else 0.0)
     if not waits_for_resources(cfg):
         check_resources(cfg, gpus, ray.nodes())
     requests = _requests(cfg, gpus, forwarded_env())  # non-secret settings set after Ray started

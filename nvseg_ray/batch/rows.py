@@ -41,6 +41,9 @@ DICOM_COLUMNS = ("study_instance_uid", "series_instance_uid", "dicom_modality", 
 #: structures' volumes (JSON list of ``{"name", "ml", "cut_by_fov"}``; a cut one's ml is a lower bound). Strings, so
 #: every run's manifest has one Parquet schema; ``thumbnail`` is a small PNG of the preview for the run report.
 QC_COLUMNS = ("report_uri", "preview_uri", "qc_flags", "qc_reasons", "key_volumes")
+#: how the network ran (:mod:`nvseg_ray.backends`): the backend used, why (a fallback's code and reason) and the
+#: window batch.
+BACKEND_COLUMNS = ("backend", "backend_code", "backend_reason", "window_batch")
 #: the structures' statistics rows of a finished volume (JSON bytes), gathered by the driver into the run's
 #: statistics table; not a manifest column.
 STRUCTURES_COLUMN = "structure_rows"
@@ -49,7 +52,7 @@ MANIFEST_COLUMNS = (
     "uri", "rel_dir", "status", "error_code", "error_message", "output_uri", "modality", "requested",
     "class_ids", "input_shape", "input_voxels", "labelled_voxels", "n_labels", *QC_COLUMNS, *TIMING_COLUMNS,
     *COST_COLUMNS,
-    *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, *DICOM_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", "attempts", "model_sha256", "resume_key", "settings_key",
+    *BRAIN_TIMING_COLUMNS, *BRAIN_QUALITY_COLUMNS, *DICOM_COLUMNS, "preprocess_node", "model_node", "model_actor", "postprocess_node", *BACKEND_COLUMNS, "attempts", "model_sha256", "resume_key", "settings_key",
     "thumbnail",
 )
 
@@ -69,6 +72,7 @@ def new_row(uri: str, rel_dir: str = "") -> dict[str, Any]:
     row.update({name: "" for name in QC_COLUMNS})
     row["qc_reasons"] = row["key_volumes"] = "[]"
     row["thumbnail"] = row[STRUCTURES_COLUMN] = b""
+    row.update(backend="", backend_code="", backend_reason="", window_batch=0)
     row.update({name: "" for name in DICOM_COLUMNS})
     row["n_instances"] = 0
     return row

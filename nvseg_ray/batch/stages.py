@@ -113,6 +113,19 @@ class ModelStage:
         self.max_attempts = max_attempts
         self.on_start = on_start
 
+    @property
+    def builds_an_engine(self) -> bool:
+        """Whether making the model ready may build an accelerated encoder (TensorRT, torch.compile): then the actor
+        does it in its start-up, before it takes work, so that the first volume does not pay for the build."""
+        import torch
+
+        backend = self.cfg.backend
+        return backend in ("trt", "compile") or backend == "auto" and torch.cuda.is_available()
+
+    def warm_up(self) -> None:
+        """Load the weights and apply the backend now (see :attr:`builds_an_engine`)."""
+        self.runner.model  # noqa: B018
+
     def run(self, row: dict[str, Any]) -> dict[str, Any]:
         if row["status"] == STATUS_FAILED:
             return row
@@ -132,6 +145,9 @@ class ModelStage:
             row["labels"] = pickle.dumps(labels, protocol=5)
             row["model_input"] = b""
             row["model_sha256"] = self.runner.model.sha256
+            backend = self.runner.backend_report()
+            row.update(backend=backend["backend"], backend_code=backend["code"], backend_reason=backend["reason"],
+                       window_batch=backend["window_batch"])
         except Exception as exc:
             return _failure(row, exc, "inference")
         finally:
@@ -163,8 +179,10 @@ def postprocess_row(row: dict[str, Any], stages: VolumeStages) -> dict[str, Any]
         report = write_outputs(result, input_uri=row["uri"], output_uri=row["output_uri"] if nifti else None,
                                cfg=cfg, model_uri=cfg.checkpoint, model_sha256=row["model_sha256"] or None,
                                seg_target=row["seg_uri"] or None, seed=row["resume_key"], catalog=stages.catalog,
-                               report_target=report_uri(row["output_uri"]), extra={"resume_key": row["resume_key"],
-                                                                        "settings_key": row["settings_key"]})
+                               report_target=report_uri(row["output_uri"]), extra={
+                                   "resume_key": row["resume_key"], "settings_key": row["settings_key"],
+                                   "backend": {"backend": row["backend"], "code": row["backend_code"],
+                                               "reason": row["backend_reason"], "window_batch": row["window_batch"]}})
         if row["seg_uri"]:
             row["seg_uri"] = report["dicom"]["seg"]["uri"] or ""
         row["labelled_voxels"] = int(sum(s["voxels"] for s in result.statistics))

@@ -49,7 +49,12 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--patch-size", type=_ints, help="sliding-window size, default 192,192,128")
     p.add_argument("--overlap", type=float, help="window overlap, default 0.25")
-    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass, default 1")
+    p.add_argument("--sw-batch-size", help="windows per forward pass, default 1; auto: from the GPU's free memory")
+    p.add_argument("--backend", choices=["auto", "torch", "trt", "compile"],
+                   help="auto (default): the TensorRT fp16 encoder where it can run (CUDA + TensorRT 10), else torch; "
+                   "torch (fp16 autocast on CUDA); trt; compile (torch.compile of the encoder). Fallbacks are reported")
+    p.add_argument("--engine-cache-dir", help="node-local folder for TensorRT engines (default "
+                   "$NVSEG_ENGINE_CACHE or ~/.cache/nvseg-ray/engines)")
     p.add_argument("--class-chunk-size", type=int, help="classes per logit evaluation, default 16")
     p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="disable fp16 autocast on CUDA")
     p.add_argument("--output-dtype", help="uint16 (default), uint8, int16, int32, float32 (upstream)")
@@ -90,6 +95,7 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
 
 _CONFIG_FLAGS = ("checkpoint", "modality", "classes", "points", "point_labels", "expand_subclasses",
                  "label_catalog", "device", "patch_size", "overlap", "sw_batch_size", "class_chunk_size", "amp",
+                 "backend", "engine_cache_dir",
                  "output_dtype", "output_layout", "output_postfix", "max_voxels", "overwrite", "output_format")
 
 

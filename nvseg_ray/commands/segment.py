@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     # class or modality stops here, before the weights load (exit 2)
     fixed_prompts = (resolve_prompts(cfg, stages.catalog) if (cfg.classes or cfg.modality)
                      and cfg.modality != MODALITY_AUTO else None)
-    runner = ModelRunner(cfg)
-    runner.model  # load the weights once, before any volume: a bad checkpoint stops here (exit 4)
+    runner = ModelRunner(cfg, log=say)
+    runner.model  # load the weights (and build an accelerated encoder) once, before any volume: a bad checkpoint
+    # stops here (exit 4)
     debug = bool(getattr(args, "debug", False))
     failed = 0
     for index, (source, out, first) in enumerate(zip(inputs, outputs, earlier), 1):
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=resume_key(source.identity() if is_dicom else where,
                                 output_settings(cfg, result.prompts, dicom=is_dicom), model.sha256 or model.uri),
                 catalog=stages.catalog,
-                report_target=None if to_pacs else report_uri(out))
+                report_target=None if to_pacs else report_uri(out), extra={"backend": runner.backend_report()})
         except NvsegError as err:
             failed += 1
             print(f"{prefix}: FAILED {err}", file=sys.stderr, flush=True)

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..config import DEFAULT_DEVICE, DEFAULT_PATCH_SIZE, InferenceConfig, check_patch_size, validate_config
+from ..config import (DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PATCH_SIZE, Backend, InferenceConfig, check_patch_size,
+                      validate_config)
 from ..errors import NvsegError
 from ..training.datalist import DataItem, DataListError, global_ids, load_datalist, parse_label_mapping, split_folds
 
@@ -32,6 +33,7 @@ class EvaluateConfig(BaseModel):
     fold: int = Field(0, ge=0)
     patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE
     device: str = DEFAULT_DEVICE
+    backend: Backend = DEFAULT_BACKEND
     max_actors: int = Field(1, ge=1, description="model actors (each loads the checkpoint once)")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model actor")
     label_catalog: str | None = None
@@ -56,6 +58,7 @@ class EvaluateConfig(BaseModel):
         """The engine configuration: the mapped global ids as class prompts, no subclass expansion."""
         return InferenceConfig(checkpoint=self.checkpoint, classes=list(global_ids(self.label_mapping)),
                                expand_subclasses=False, patch_size=self.patch_size, device=self.device,
+                               backend=self.backend,
                                label_catalog=self.label_catalog, storage_options=self.storage_options)
 
 

@@ -21,18 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 from ..config import (
     MODALITY_AUTO,
     DEFAULT_AMP,
+    DEFAULT_BACKEND,
     DEFAULT_CLASS_CHUNK_SIZE,
     DEFAULT_DEVICE,
     DEFAULT_MAX_VOXELS,
     DEFAULT_OUTPUT_DTYPE,
     DEFAULT_PATCH_SIZE,
     DEFAULT_SW_BATCH_SIZE,
-    MAX_SW_BATCH_SIZE,
+    Backend,
     BrainConfig,
     InferenceConfig,
     Modality,
     OutputDType,
     check_patch_size,
+    check_sw_batch_size,
     validate_config,
 )
 from ..dicom.series import DicomSeries
@@ -84,7 +86,9 @@ class ServeSettings(BaseModel):
     model_gpus: float | None = Field(None, ge=0, description="GPUs per model replica; None = 1 if the cluster has GPUs")
     # the engine's settings: defaults and bounds are InferenceConfig's (nvseg_ray.config), checked at startup
     patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE
-    sw_batch_size: int = Field(DEFAULT_SW_BATCH_SIZE, ge=1, le=MAX_SW_BATCH_SIZE)
+    sw_batch_size: int | Literal["auto"] = DEFAULT_SW_BATCH_SIZE
+    backend: Backend = DEFAULT_BACKEND
+    engine_cache_dir: str | None = None
     class_chunk_size: int = Field(DEFAULT_CLASS_CHUNK_SIZE, ge=1)
     amp: bool = DEFAULT_AMP
     output_dtype: OutputDType = DEFAULT_OUTPUT_DTYPE
@@ -112,6 +116,7 @@ class ServeSettings(BaseModel):
     brain: BrainConfig = Field(default_factory=BrainConfig, description="brain T1 workflow for MRI_BRAIN requests")
 
     _check_patch = field_validator("patch_size")(lambda cls, v: check_patch_size(v))
+    _check_window_batch = field_validator("sw_batch_size", mode="before")(lambda cls, v: check_sw_batch_size(v))
 
     @field_validator("allowed_input_prefixes", "allowed_output_prefixes")
     @classmethod
@@ -134,7 +139,8 @@ class ServeSettings(BaseModel):
 
     def inference_config(self, **prompt_fields: Any) -> InferenceConfig:
         return InferenceConfig(checkpoint=self.checkpoint, label_catalog=self.label_catalog, device=self.device,
-                               patch_size=self.patch_size, sw_batch_size=self.sw_batch_size,
+                               patch_size=self.patch_size, sw_batch_size=self.sw_batch_size, backend=self.backend,
+                               engine_cache_dir=self.engine_cache_dir,
                                class_chunk_size=self.class_chunk_size, amp=self.amp, output_dtype=self.output_dtype,
                                max_voxels=self.max_voxels, storage_options=self.storage_options, brain=self.brain,
                                **prompt_fields)
@@ -369,7 +375,8 @@ class ModelWorker:
     def info(self) -> dict[str, Any]:
         model = self.runner.model
         return {"uri": model.uri, "sha256": model.sha256, "in_channels": model.architecture.in_channels,
-                "embed_dim": model.architecture.embed_dim, "device": str(self.runner.device)}
+                "embed_dim": model.architecture.embed_dim, "device": str(self.runner.device),
+                "backend": self.runner.backend_report()}
 
 
 #: hints for errors raised without one, by code, then by HTTP status family (every error body has a hint).
