@@ -132,8 +132,7 @@ def test_probe_on_this_cpu_machine(device):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine: this test is about a CPU-only one")
-    env = BackendEnvironment.probe(device if device is None else torch.device(device) if ":" in str(device)
-                                   else device)
+    env = BackendEnvironment.probe(torch.device(device) if device == "cuda:0" else device)
     assert env.device_type == "cpu"
     assert env.tensorrt_version is None
     assert env.gpu_name == "" and env.compute_capability == ""

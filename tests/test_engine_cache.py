@@ -75,7 +75,8 @@ def test_defaults_and_env(monkeypatch, tmp_path):
 
 
 def test_plan_name_lines_up_with_monai(tmp_path):
-    """trt_compile(model, base_path, submodule=["image_encoder.encoder"]) saves f"{base_path}.image_encoder.encoder.plan"."""
+    """trt_compile(model, base_path, submodule=["image_encoder.encoder"]) saves
+    f"{base_path}.image_encoder.encoder.plan"."""
     cache = EngineCache(tmp_path)
     plan = cache.plan_path(KEY)
     assert plan == tmp_path / f"{KEY.file_stem()}.image_encoder.encoder.plan"
