@@ -81,8 +81,8 @@ def export_encoder_onnx(network: torch.nn.Module, path: str | Path, *, patch_siz
     """Export ``network.image_encoder.encoder`` to ONNX exactly as MONAI 1.6.1's ``trt_compile`` does before its
     TensorRT build, and return ``path``.
 
-    The encoder's ``forward(x)`` takes one tensor ``[B, C_in, H, W, D]`` and returns a list of 5 feature maps (one
-    per level, ``[B, 8w, H, W, D]``, ``[B, 16w, H/2, ...]`` ... ``[B, 16 * 8w / 8, H/16, ...]``, ``w`` the width);
+    The encoder's ``forward(x)`` takes one tensor ``[B, C_in, H, W, D]`` and returns a list of 5 feature maps, one
+    per level: ``[B, w * 2**k, H / 2**k, W / 2**k, D / 2**k]`` for ``k = 0..4`` (``w`` the width, 48 upstream);
     the ONNX graph has one input ``x`` and the list flattened into 5 outputs, in the list's order (what
     ``TrtCompiler.forward`` hands back: ``ret = list(ret.values())``).
 
