@@ -89,7 +89,12 @@ def test_segment_cli_preview_flag(tiny_checkpoint, tmp_path, capsys):
     assert code == 0, capsys.readouterr()
     mask = out / "ct" / "ct_trans.nii.gz"
     assert Path(preview_uri(str(mask))).read_bytes().startswith(PNG_MAGIC)
-    assert str(preview_uri(str(mask))) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(preview_uri(str(mask))) in printed
+    # how the network ran, said once and recorded in the report (a CPU: torch, and why not TensorRT)
+    assert "backend torch (asked for auto" in printed
+    backend = json.loads(Path(report_uri(str(mask))).read_text())["backend"]
+    assert backend["backend"] == "torch" and backend["requested"] == "auto" and backend["window_batch"] == 1
     # without --preview (the CLI's default) no preview is written
     code = main(["segment", str(scan), "-o", str(tmp_path / "out2"), "-c", tiny_checkpoint, "--classes", "liver",
                  "--patch-size", ",".join(map(str, TEST_PATCH)), "--device", "cpu"])
@@ -134,6 +139,8 @@ def test_batch_run_qc_columns_statistics_table_and_run_report(tiny_checkpoint, t
         key = json.loads(row["key_volumes"])
         assert key and all({"name", "ml", "cut_by_fov"} <= set(k) for k in key)
         assert row["t_qc"] > 0
+        assert (row["backend"], row["backend_code"], row["window_batch"]) == ("torch", "auto_torch", 1)
+        assert "CUDA" in row["backend_reason"] and report["backend"]["backend"] == "torch"
         assert all(Path(u).exists() for u in colour_table_uris(str(mask)).values())
     assert rows["broken.nii.gz"]["qc_flags"] == "" and rows["broken.nii.gz"]["preview_uri"] == ""
 
