@@ -27,15 +27,12 @@ from .timing import timed
 _LOG = logging.getLogger(__name__)
 
 
-#: where TensorRT engines go when neither ``cfg.engine_cache_dir`` nor this variable says: node-local disk.
-ENGINE_CACHE_ENV = "NVSEG_ENGINE_CACHE"
-
-
 def engine_cache_root(cfg: InferenceConfig) -> str:
-    """``cfg.engine_cache_dir``, else ``$NVSEG_ENGINE_CACHE``, else the default node-local folder."""
-    from .backends.engine_cache import DEFAULT_ENGINE_CACHE_DIR
+    """Where TensorRT engines go: ``cfg.engine_cache_dir``, else ``$NVSEG_ENGINE_CACHE``, else the default
+    node-local folder (:func:`nvseg_ray.backends.engine_cache.default_cache_dir`)."""
+    from .backends.engine_cache import default_cache_dir
 
-    return os.path.expanduser(cfg.engine_cache_dir or os.environ.get(ENGINE_CACHE_ENV) or DEFAULT_ENGINE_CACHE_DIR)
+    return os.path.expanduser(cfg.engine_cache_dir) if cfg.engine_cache_dir else str(default_cache_dir())
 
 
 class ModelRunner:

@@ -134,6 +134,8 @@ def test_health_info_and_docs(service):
     assert client.ready() is True
     info = client.info()
     assert len(info["labels"]) == 345 and len(info["model"]["sha256"]) == 64
+    backend = info["model"]["backend"]  # how the model replicas run the network, and why (a CPU: torch)
+    assert backend["backend"] == "torch" and backend["code"] == "auto_torch" and "CUDA" in backend["reason"]
     assert len(info["modalities"]["CT_BODY"]) == 117
     raw = httpx.get(f"{service}/openapi.json")
     spec = raw.json()
