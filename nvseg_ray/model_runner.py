@@ -56,6 +56,7 @@ class ModelRunner:
         self._model = model
         self._device: torch.device | None = None
         self._backend: Any = None  # BackendChoice once the model is ready
+        self._env: Any = None  # the BackendEnvironment it was chosen for
         self._window_batch: int | None = None
         self._log = log or _LOG.info
 
@@ -86,6 +87,19 @@ class ModelRunner:
         if self._device is None:
             self._device = resolve_device(self.cfg.device)
         return self._device
+
+    def _mark_engine_failed(self, reason: str) -> None:
+        """Leave the failure marker of this runner's engine (best effort: the marker is advice for later starts)."""
+        from .backends.accelerate import engine_key
+        from .backends.engine_cache import EngineCache
+
+        try:
+            model = self._model
+            key = engine_key(self._env, checkpoint_sha256=model.sha256 or "", patch_size=self.cfg.patch_size,
+                             window_batch=self.window_batch, in_channels=model.architecture.in_channels)
+            EngineCache(engine_cache_root(self.cfg)).mark_failed(key, "runtime_error", reason)
+        except Exception as exc:  # noqa: BLE001 - never let the marker hide the fallback itself
+            self._log(f"[nvseg] could not record the engine failure: {type(exc).__name__}: {exc}")
 
     @property
     def model(self) -> LoadedModel:
@@ -119,13 +133,15 @@ class ModelRunner:
             model.network, choice, patch_size=tuple(self.cfg.patch_size), window_batch=self.window_batch,
             in_channels=model.architecture.in_channels, device=self.device, cache=cache,
             checkpoint_sha256=model.sha256 or "", env=env, amp=self.cfg.amp, log=self._log)
-        self._backend = choice
+        self._backend, self._env = choice, env
         self._log(f"[nvseg] backend {choice.backend} (asked for {choice.requested}; {choice.code}: {choice.reason})")
 
     def _fall_back_to_torch(self, exc: BaseException) -> None:
         """A TensorRT / compiled encoder failed while running: reload the plain network and use torch from now on."""
         reason = f"the {self._backend.backend} encoder failed while running ({type(exc).__name__}: {exc}); " \
                  "running the plain PyTorch network from now on"
+        if self._backend.backend == "trt":  # possibly a sticky CUDA error: later starts on this node go to torch
+            self._mark_engine_failed(reason)
         choice = self._backend.fall_back("runtime_error", reason)
         self._model = None
         self._backend = choice  # set before reloading, so the reload applies no backend

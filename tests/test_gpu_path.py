@@ -73,12 +73,13 @@ def test_runner_on_cpu_runs_torch_and_says_why(tiny_checkpoint, backend):
     assert any("backend torch" in line for line in told)
 
 
+@pytest.mark.parametrize("backend", ["compile", "trt"])
 def test_an_accelerated_encoder_that_fails_while_running_falls_back_to_torch(tiny_checkpoint, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, backend):
     from nvseg_ray.backends import accelerate as accelerate_module
 
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, device="cpu", classes=["liver", "spleen"],
-                          patch_size=TEST_PATCH, backend="compile")
+                          patch_size=TEST_PATCH, backend=backend, engine_cache_dir=str(tmp_path / "engines"))
     prepared, prompts = _prepared(cfg, tmp_path)
     expected = ModelRunner(cfg.model_copy(update={"backend": "torch"})).infer(prepared, prompts)
 
@@ -96,7 +97,7 @@ def test_an_accelerated_encoder_that_fails_while_running_falls_back_to_torch(tin
 
     monkeypatch.setattr(accelerate_module, "accelerate", fake_accelerate)
     monkeypatch.setattr("nvseg_ray.backends.choice.choose_backend",
-                        lambda requested, env, **kw: _choice("compile"))
+                        lambda requested, env, **kw: _choice(backend))
     told: list[str] = []
     runner = ModelRunner(cfg, log=told.append)
     labels = runner.infer(prepared, prompts)
@@ -104,6 +105,9 @@ def test_an_accelerated_encoder_that_fails_while_running_falls_back_to_torch(tin
     assert runner.backend.backend == "torch" and runner.backend.code == "runtime_error"
     assert "engine execution failed" in runner.backend.reason
     assert any("runtime_error" in line for line in told)
+    # a TensorRT engine that failed while running may have broken the CUDA context: later starts skip it
+    markers = list((tmp_path / "engines").glob("*.failed.json"))
+    assert len(markers) == (1 if backend == "trt" else 0)
 
 
 def _choice(backend: str):
