@@ -670,8 +670,9 @@ class Check:
         if precision != "fp32" and not self.cuda:
             precision = "fp32"
         n_windows = sliding_window_count(a.volume_shape, a.window, a.overlap)
-        estimate = self.estimate_window(a.volume_window_batch) / (a.warmup + a.iters) * n_windows \
-            / a.volume_window_batch * (1 + a.volume_repeats) + 5.0
+        timed = [e for e in self.report["windows"] if "ms_per_window" in e and e["precision"] in ("fp32", precision)]
+        ms = min((e["ms_per_window"] for e in timed), default=500.0)
+        estimate = (ms / 1000.0 * n_windows + 1.0) * (1 + a.volume_repeats)
         if self.over_budget("volume", estimate):
             return
         predictor = DirectPredictor(self.network)
