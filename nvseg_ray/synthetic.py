@@ -11,7 +11,8 @@ seeded, so a (shape, seed) pair always gives the same array.
 * :func:`torso_labels` -- a uint8 label map (global class ids) with :func:`torso_ct`'s body outline and in-plane
   organ positions, adult-sized organs, anatomically correct for the affine ``diag(-sx, sy, sz)`` (QC tests).
 * :func:`save_volume` / :func:`save_like_a_converter` -- NIfTI writers (qform = sform, code 1).
-* :func:`tiny_state_dict` -- the real ``vista3d132`` architecture with narrow convolutions (~6 M parameters).
+* :func:`tiny_state_dict` -- the real ``vista3d132`` architecture with narrow convolutions (~6 M parameters);
+  :func:`tiny_network` builds it.
 
 Synthetic brain T1 heads (registered to a template) live in :mod:`nvseg_ray.brain.phantom`, next to the template
 code they need.
@@ -233,3 +234,13 @@ def tiny_state_dict(seed: int = 0, in_channels: int = 1, width: int = TINY_WIDTH
 
     torch.manual_seed(seed)
     return vista3d132(encoder_embed_dim=width, in_channels=in_channels).state_dict()
+
+
+def tiny_network(seed: int = 0, in_channels: int = 1, width: int = TINY_WIDTH) -> "torch.nn.Module":
+    """The network of :func:`tiny_state_dict` (CPU, eval mode): for tests of the network's own paths (export,
+    compile, predictor) that need no checkpoint file."""
+    from monai.networks.nets import vista3d132
+
+    net = vista3d132(encoder_embed_dim=width, in_channels=in_channels)
+    net.load_state_dict(tiny_state_dict(seed=seed, in_channels=in_channels, width=width))
+    return net.eval()

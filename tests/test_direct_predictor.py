@@ -27,10 +27,9 @@ import warnings
 import pytest
 import torch
 from monai.apps.vista3d.transforms import VistaPostTransformd
-from monai.networks.nets import vista3d132
 
 from nvseg_ray.inference import AutoFeatures, _autocast, argmax_over_classes, class_embeddings
-from nvseg_ray.synthetic import TINY_WIDTH, tiny_state_dict
+from nvseg_ray.synthetic import tiny_network
 
 WINDOW = (48, 48, 32)  # tests' TEST_PATCH: multiples of 16 (4 downsamplings)
 CPU = torch.device("cpu")
@@ -41,9 +40,7 @@ CLASS_IDS = [1, 5, 23, 57, 100, 117, 127, 132]
 
 @pytest.fixture(scope="module")
 def network() -> torch.nn.Module:
-    net = vista3d132(encoder_embed_dim=TINY_WIDTH)
-    net.load_state_dict(tiny_state_dict())
-    return net.eval()
+    return tiny_network()
 
 
 @pytest.fixture(scope="module")

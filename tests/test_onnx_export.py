@@ -14,11 +14,10 @@ onnx = pytest.importorskip("onnx", reason=_REASON.format("onnx"))
 pytest.importorskip("onnxscript", reason=_REASON.format("onnxscript (torch's dynamo ONNX exporter)"))
 pytest.importorskip("onnxruntime", reason=_REASON.format("onnxruntime"))
 
-from monai.networks.nets import vista3d132  # noqa: E402
 
 from nvseg_ray.backends.onnx_export import check_with_onnxruntime, export_encoder_onnx  # noqa: E402
 from nvseg_ray.errors import ConfigError  # noqa: E402
-from nvseg_ray.synthetic import TINY_WIDTH, tiny_state_dict  # noqa: E402
+from nvseg_ray.synthetic import TINY_WIDTH, tiny_network, tiny_state_dict  # noqa: E402
 
 WINDOW = (32, 32, 32)
 ATOL, RTOL = 1e-4, 1e-3  # fp32 both sides; observed max |diff| ~1e-5 on features of magnitude ~1
@@ -26,9 +25,7 @@ ATOL, RTOL = 1e-4, 1e-3  # fp32 both sides; observed max |diff| ~1e-5 on feature
 
 @pytest.fixture(scope="module")
 def network() -> torch.nn.Module:
-    net = vista3d132(encoder_embed_dim=TINY_WIDTH)
-    net.load_state_dict(tiny_state_dict())
-    return net.eval()
+    return tiny_network()
 
 
 @pytest.fixture(scope="module")
