@@ -209,7 +209,7 @@ def run_batch(cfg: BatchConfig, *, echo: Callable[[str], None] = print) -> Batch
                                                               inf.storage_options))
     manifest_uri, summary_uri = write_manifest(frame, summary, cfg.files_root, run_name, inf.storage_options)
     if cfg.run_report:
-        summary["report"] = _write_report(run_folder(cfg.files_root, run_name), cfg, echo)
+        summary["report"] = _write_report(run_folder(cfg.files_root, run_name), frame, summary, cfg, echo)
         if summary["report"]:
             write_json(summary, summary_uri, inf.storage_options)
     echo(format_summary(frame, summary))
@@ -224,14 +224,16 @@ def _nodes_used(frame: Any) -> int:
     return max(1, len(used))
 
 
-def _write_report(run_dir: str, cfg: BatchConfig, echo: Callable[[str], None]) -> str | None:
-    """Write the run's ``report.html`` from the manifest just written; a problem is told, never fatal (the masks
-    and the manifest are what the run is for, and ``nvseg report RUN_DIR`` writes the report again)."""
+def _write_report(run_dir: str, frame: Any, summary: dict[str, Any], cfg: BatchConfig,
+                  echo: Callable[[str], None]) -> str | None:
+    """Write the run's ``report.html`` from the manifest and summary just written (held here, not read back); a
+    problem is told, never fatal (the masks and the manifest are what the run is for, and ``nvseg report RUN_DIR``
+    writes the report again)."""
     from .run_report import write_run_report
 
     try:
         return redact_uri(write_run_report(run_dir, cfg.inference.storage_options,
-                                           cost_per_node_hour=cfg.cost_per_node_hour))
+                                           cost_per_node_hour=cfg.cost_per_node_hour, frame=frame, summary=summary))
     except Exception as exc:  # noqa: BLE001 - the report is a convenience over the manifest
         echo(f"[nvseg] the run report could not be written ({redact_text(describe_exception(exc))}); "
              f"rebuild it with: nvseg report {redact_uri(run_dir)}")

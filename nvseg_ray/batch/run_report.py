@@ -59,8 +59,11 @@ _SHORT_STAGE = {"preprocess": "prep", "postprocess": "post"}
 
 
 def write_run_report(run_dir: str, storage_options: dict | None = None, *,
-                     cost_per_node_hour: float | None = None) -> str:
+                     cost_per_node_hour: float | None = None, frame=None, summary: dict | None = None) -> str:
     """Read ``run_dir``'s manifest and summary, write ``run_dir/report.html`` atomically, return its URI.
+
+    ``frame`` and ``summary``: the manifest and summary already in hand (the batch job, which has just written
+    them), so they are not read back.
 
     Args:
         run_dir: the run folder ``<output>/_nvseg_runs/<run>`` (a local path or an fsspec URI).
@@ -71,9 +74,19 @@ def write_run_report(run_dir: str, storage_options: dict | None = None, *,
         StorageError: no run folder / manifest there (``reason="not_found"``), the manifest is not readable
             Parquet (``code="invalid_manifest"``), or the write failed.
     """
+    run_dir = os.fspath(run_dir).rstrip("/") or os.fspath(run_dir)
+    if frame is None:
+        frame, summary = _read_run(run_dir, storage_options)
+    text = render_run_report(frame, summary or {}, run_dir=run_dir, cost_per_node_hour=cost_per_node_hour)
+    report_uri = join_uri(run_dir, REPORT_NAME)
+    write_bytes_atomic(text.encode("utf-8"), report_uri, storage_options)
+    return report_uri
+
+
+def _read_run(run_dir: str, storage_options: dict | None) -> tuple[Any, dict[str, Any]]:
+    """The manifest (a DataFrame) and summary of a run folder (see :func:`write_run_report` for the errors)."""
     import pandas as pd
 
-    run_dir = os.fspath(run_dir).rstrip("/") or os.fspath(run_dir)
     manifest_uri = join_uri(run_dir, MANIFEST_NAME)
     summary_uri = join_uri(run_dir, SUMMARY_NAME)
     hint = (f"RUN_DIR is a run folder written by `nvseg batch`: <output>/{RUNS_DIR}/<run>, holding "
@@ -93,11 +106,7 @@ def write_run_report(run_dir: str, storage_options: dict | None = None, *,
         raise StorageError(f"cannot build the run report: {manifest_uri!r} is not a readable Parquet manifest "
                            f"({type(exc).__name__}: {exc})", hint=hint, code="invalid_manifest", uri=manifest_uri,
                            reason=REASON_IO_ERROR) from exc
-    summary = _read_summary(summary_uri, storage_options)
-    text = render_run_report(frame, summary, run_dir=run_dir, cost_per_node_hour=cost_per_node_hour)
-    report_uri = join_uri(run_dir, REPORT_NAME)
-    write_bytes_atomic(text.encode("utf-8"), report_uri, storage_options)
-    return report_uri
+    return frame, _read_summary(summary_uri, storage_options)
 
 
 def _read_summary(uri: str, storage_options: dict | None) -> dict[str, Any]:
